@@ -1,0 +1,1 @@
+//! Pure HTTP/1.x: request-head parsing, body framing and response heads. No sockets here.

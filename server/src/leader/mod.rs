@@ -1,0 +1,1 @@
+//! The leader: binds, optionally preloads, forks workers into slots and keeps them alive.

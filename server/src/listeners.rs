@@ -1,0 +1,1 @@
+//! Parses `--bind` addresses and binds or inherits the listening sockets.

@@ -1,0 +1,1 @@
+//! The profiler doorbell inside every worker: tracemalloc heap diffs and stack dumps (DESIGN.md).

@@ -1,0 +1,1 @@
+//! This process' folder in the runtime directory shared with the sidecar.

@@ -1,0 +1,1 @@
+//! THE settings table: one declaration per setting gives its flag, env var and config-file name.

@@ -1,0 +1,1 @@
+//! One worker process: the event loop, its connections, and request dispatch to the app.

@@ -1,0 +1,1 @@
+//! The one integration-test binary (ripgrep style): each module below is a feature area.
