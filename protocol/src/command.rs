@@ -56,6 +56,9 @@ pub enum Action {
     Stacks,
     /// Written by the worker itself: it exited while tracing (never sent by a program).
     Exit,
+    /// Written by the worker itself: the error result for a command file it could not read or
+    /// whose action it does not know (never sent by a program).
+    Invalid,
 }
 
 impl Action {
@@ -67,6 +70,7 @@ impl Action {
             Action::Stop => "stop",
             Action::Stacks => "stacks",
             Action::Exit => "exit",
+            Action::Invalid => "invalid",
         }
     }
 }
@@ -113,6 +117,9 @@ pub enum CommandError {
     /// `exit` is written by workers only.
     #[error("action 'exit' cannot be requested")]
     ExitRequested,
+    /// `invalid` is written by workers only.
+    #[error("action 'invalid' cannot be requested")]
+    InvalidRequested,
 }
 
 /// True when `id` can be used as a request id (and so in a file name).
@@ -155,6 +162,9 @@ impl Command {
         }
         if self.action == Action::Exit {
             return Err(CommandError::ExitRequested);
+        }
+        if self.action == Action::Invalid {
+            return Err(CommandError::InvalidRequested);
         }
         Ok(())
     }
@@ -205,5 +215,18 @@ mod tests {
         cmd.frames = 10;
         cmd.top = MAX_TOP + 1;
         assert_eq!(cmd.validate(), Err(CommandError::Top(MAX_TOP + 1)));
+    }
+
+    #[test]
+    fn worker_only_actions_cannot_be_requested() {
+        assert_eq!(
+            Command::new("r", Action::Exit).validate(),
+            Err(CommandError::ExitRequested)
+        );
+        assert_eq!(
+            Command::new("r", Action::Invalid).validate(),
+            Err(CommandError::InvalidRequested)
+        );
+        assert_eq!(Action::Invalid.as_str(), "invalid");
     }
 }
