@@ -1,0 +1,1 @@
+//! Renders `docs/SETTINGS.md` from the clap command.
