@@ -27,3 +27,83 @@ pub mod runtime_dir;
 pub mod settings;
 pub mod worker;
 pub mod wsgi;
+pub mod heartbeat;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use pyo3::Python;
+
+/// The whole program: settings, logging, Python, then the leader. `main` only calls this.
+pub fn run(args: Vec<OsString>) -> ExitCode {
+    Python::initialize();
+    let loaded = Python::attach(|py| settings::load(args, Some(py)));
+    let loaded = match loaded {
+        Ok(l) => l,
+        Err(e) => {
+            if let Some(clap_err) = e.downcast_ref::<clap::Error>() {
+                clap_err.exit();
+            }
+            eprintln!("Error: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    let settings = loaded.settings;
+    if settings.print_config {
+        print!("{}", settings.print_config());
+        return ExitCode::SUCCESS;
+    }
+    if let Err(e) = logging::init(&settings) {
+        eprintln!("Error: cannot open the error log: {e:#}");
+        return ExitCode::from(1);
+    }
+    for warning in settings.warnings() {
+        log::warn!("{warning}");
+    }
+    match prepare_python(&settings) {
+        Ok(()) => {}
+        Err(e) => {
+            log::error!("{e:#}");
+            return ExitCode::from(1);
+        }
+    }
+    if settings.check_config {
+        return check_config(&settings);
+    }
+    match leader::Leader::new(settings, loaded.hooks) {
+        Ok(leader) => leader.run(),
+        Err(e) => {
+            log::error!("{e:#}");
+            ExitCode::from(worker::WorkerExit::AppLoadError as u8)
+        }
+    }
+}
+
+/// `--chdir`, `-e KEY=VALUE` and the import path, in the order gunicorn applies them.
+fn prepare_python(settings: &settings::Settings) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if let Some(dir) = &settings.chdir {
+        std::env::set_current_dir(dir)
+            .with_context(|| format!("cannot chdir to {}", dir.display()))?;
+    }
+    python::set_environ(&settings.raw_env_pairs())?;
+    let argv = std::env::args().collect();
+    python::initialize(&python::PathSetup::from_env(argv, settings.pythonpath.as_deref()))
+}
+
+/// `--check-config`: the app must import; nothing is bound or forked.
+fn check_config(settings: &settings::Settings) -> ExitCode {
+    let Some(app) = &settings.wsgi_app else {
+        log::error!("no application given");
+        return ExitCode::from(1);
+    };
+    let result = python::AppSpec::parse(app)
+        .and_then(|spec| Python::attach(|py| python::import_app(py, &spec).map(|_| ())));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e:#}");
+            ExitCode::from(worker::WorkerExit::AppLoadError as u8)
+        }
+    }
+}

@@ -1,1 +1,402 @@
 //! The leader: binds, optionally preloads, forks workers into slots and keeps them alive.
+//!
+//! It is a single-threaded loop woken by a self-pipe ([`signals`]): each turn handles the
+//! signals that arrived, reaps exited children, aborts workers whose heartbeat went silent for
+//! longer than `--timeout`, then spawns or retires workers until every slot below the target
+//! count is served. No thread is ever started here: `fork()` copies only the calling thread.
+
+pub mod signals;
+pub mod slots;
+pub mod spawn;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use pyo3::prelude::*;
+
+use crate::config_file::Hooks;
+use crate::heartbeat::{Heartbeats, MAX_SLOTS};
+use crate::listeners::Listener;
+use crate::python::AppSpec;
+use crate::settings::Settings;
+use crate::worker::WorkerExit;
+use forkscope_protocol::{Role, RuntimeDir};
+use signals::{LeaderSignal, SignalPipe};
+use slots::{Slots, WorkerProc};
+
+/// Consecutive boot failures of one slot after which the leader gives up.
+const MAX_BOOT_FAILURES: u32 = 5;
+
+/// How long an aborted (timed-out) worker gets to dump its stacks before KILL.
+const ABORT_GRACE: Duration = Duration::from_secs(2);
+
+/// A stop in progress.
+#[derive(Debug, Clone, Copy)]
+struct Stopping {
+    graceful: bool,
+    deadline: Instant,
+    killed: bool,
+}
+
+/// Everything the leader owns while it runs.
+pub struct Leader {
+    settings: Settings,
+    hooks: Hooks,
+    spec: AppSpec,
+    app_name: String,
+    listeners: Vec<Listener>,
+    preloaded: Option<Py<PyAny>>,
+    heartbeats: Heartbeats,
+    slots: Slots,
+    target: u32,
+    runtime: Option<RuntimeDir>,
+    signals: SignalPipe,
+    stopping: Option<Stopping>,
+    pidfile: Option<PathBuf>,
+    _folder: Option<crate::runtime_dir::FolderGuard>,
+}
+
+impl Leader {
+    /// Binds the sockets, prepares the runtime directory, and imports the app under
+    /// `--preload`. Python must be initialized.
+    ///
+    /// # Errors
+    /// A socket cannot be bound, or the app fails to import under `--preload`.
+    pub fn new(settings: Settings, hooks: Hooks) -> anyhow::Result<Self> {
+        let app_text = settings
+            .wsgi_app
+            .clone()
+            .context("no application given: forkscope-server [OPTIONS] MODULE:VARIABLE")?;
+        let spec = AppSpec::parse(&app_text)?;
+        let app_name = settings.proc_name.clone().unwrap_or_else(|| app_text.clone());
+
+        log::info!("Starting forkscope-server {}", env!("CARGO_PKG_VERSION"));
+        let listeners = crate::listeners::bind_all(&settings.bind, settings.backlog)?;
+        for l in &listeners {
+            log::info!("Listening at: {l} ({})", std::process::id());
+        }
+        let worker_kind = if settings.threads > 1 { "gthread" } else { "sync" };
+        log::info!("Using worker: {worker_kind}");
+
+        let pidfile = settings.pidfile.clone();
+        if let Some(path) = &pidfile {
+            std::fs::write(path, format!("{}\n", std::process::id()))
+                .with_context(|| format!("cannot write pid file {}", path.display()))?;
+        }
+
+        let runtime = RuntimeDir::new(&settings.runtime_dir);
+        let folder = match crate::runtime_dir::announce(
+            &runtime,
+            Role::Leader,
+            None,
+            std::process::id(),
+            &app_name,
+        ) {
+            Ok(dir) => Some(crate::runtime_dir::FolderGuard::new(dir)),
+            Err(e) => {
+                log::warn!(
+                    "runtime directory {} is not writable ({e}); profiling results are disabled",
+                    settings.runtime_dir.display()
+                );
+                None
+            }
+        };
+        let runtime = folder.as_ref().map(|_| runtime);
+
+        crate::proctitle::set(&crate::proctitle::leader_title(&app_name));
+
+        let preloaded = Python::attach(|py| -> anyhow::Result<Option<Py<PyAny>>> {
+            crate::profiler::register_module(py)
+                .map_err(|e| anyhow::anyhow!(crate::python::format_exception(e)))?;
+            if !settings.preload_app {
+                return Ok(None);
+            }
+            let app = crate::python::import_app(py, &spec)?;
+            let _ = crate::worker::signals::warn_about_app_handlers(py);
+            if settings.gc_freeze {
+                crate::python::freeze(py)
+                    .map_err(|e| anyhow::anyhow!(crate::python::format_exception(e)))?;
+            }
+            Ok(Some(app))
+        })?;
+
+        let target = settings.workers.clamp(1, MAX_SLOTS as u32);
+        Ok(Self {
+            hooks,
+            spec,
+            app_name,
+            listeners,
+            preloaded,
+            heartbeats: Heartbeats::new().context("cannot map the heartbeat table")?,
+            slots: Slots::default(),
+            target,
+            runtime,
+            signals: SignalPipe::install().context("cannot install signal handlers")?,
+            stopping: None,
+            pidfile,
+            _folder: folder,
+            settings,
+        })
+    }
+
+    /// Runs until a stop completes; returns the process exit code.
+    pub fn run(mut self) -> ExitCode {
+        let code = self.main_loop();
+        self.cleanup();
+        code
+    }
+
+    fn main_loop(&mut self) -> ExitCode {
+        loop {
+            for sig in self.signals.wait(Duration::from_secs(1)) {
+                self.on_signal(sig);
+            }
+            if let Some(code) = self.reap() {
+                self.begin_stop(false);
+                self.finish_stop();
+                return code;
+            }
+            if let Some(stop) = self.stopping {
+                if self.slots.is_empty() {
+                    log::info!("Shutting down: Main");
+                    return ExitCode::SUCCESS;
+                }
+                if !stop.killed && Instant::now() >= stop.deadline {
+                    for pid in self.slots.all_pids() {
+                        let _ = kill(pid, Signal::SIGKILL);
+                    }
+                    if let Some(s) = self.stopping.as_mut() {
+                        s.killed = true;
+                    }
+                }
+                continue;
+            }
+            self.murder();
+            self.manage();
+        }
+    }
+
+    fn on_signal(&mut self, sig: LeaderSignal) {
+        match sig {
+            LeaderSignal::Child => {}
+            LeaderSignal::Term => {
+                log::info!("Handling signal: term");
+                self.begin_stop(true);
+            }
+            LeaderSignal::Quit => {
+                log::info!("Handling signal: quit");
+                self.begin_stop(false);
+            }
+            LeaderSignal::Ttin => {
+                log::info!("Handling signal: ttin");
+                self.target = (self.target + 1).min(MAX_SLOTS as u32);
+            }
+            LeaderSignal::Ttou => {
+                log::info!("Handling signal: ttou");
+                self.target = self.target.saturating_sub(1).max(1);
+            }
+            LeaderSignal::Usr1 => {
+                log::info!("Handling signal: usr1");
+                if let Err(e) = crate::logging::reopen() {
+                    log::error!("cannot reopen log files: {e}");
+                }
+                self.signal_workers(Signal::SIGUSR1);
+            }
+            LeaderSignal::Hup => {
+                log::info!("Handling signal: hup");
+                self.reload();
+            }
+            LeaderSignal::Usr2 | LeaderSignal::Winch => {
+                log::warn!("signal {sig:?} is not handled yet by this leader");
+            }
+        }
+    }
+
+    /// Replaces every worker: new workers (which import the app afresh when not preloaded)
+    /// start in the freed slots while the old ones finish their requests.
+    fn reload(&mut self) {
+        let slots: Vec<u32> = self.slots.serving().map(|(s, _)| s).collect();
+        for slot in slots {
+            if let Some(pid) = self.slots.retire(slot, false) {
+                let _ = kill(pid, Signal::SIGTERM);
+            }
+        }
+    }
+
+    fn signal_workers(&self, sig: Signal) {
+        for pid in self.slots.all_pids() {
+            let _ = kill(pid, sig);
+        }
+    }
+
+    fn begin_stop(&mut self, graceful: bool) {
+        // A second INT/QUIT during a graceful stop makes it quick (gunicorn).
+        if let Some(s) = &self.stopping
+            && (!s.graceful || graceful)
+        {
+            return;
+        }
+        let sig = if graceful { Signal::SIGTERM } else { Signal::SIGQUIT };
+        self.signal_workers(sig);
+        self.stopping = Some(Stopping {
+            graceful,
+            deadline: Instant::now() + Duration::from_secs(self.settings.graceful_timeout),
+            killed: false,
+        });
+    }
+
+    /// Waits for every worker after an unrecoverable error, bounded by the graceful timeout.
+    fn finish_stop(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(self.settings.graceful_timeout);
+        while !self.slots.is_empty() && Instant::now() < deadline {
+            let _ = self.signals.wait(Duration::from_millis(100));
+            let _ = self.reap();
+        }
+        for pid in self.slots.all_pids() {
+            let _ = kill(pid, Signal::SIGKILL);
+        }
+    }
+
+    /// Reaps exited children. Returns an exit code when the leader must halt.
+    fn reap(&mut self) -> Option<ExitCode> {
+        loop {
+            let status = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => return None,
+                Ok(s) => s,
+            };
+            let (pid, code, signal) = match status {
+                WaitStatus::Exited(pid, code) => (pid, Some(code), None),
+                WaitStatus::Signaled(pid, sig, _) => (pid, None, Some(sig)),
+                _ => continue,
+            };
+            // Unknown children (a PID-1 leader adopts orphans) are reaped quietly.
+            let Some((slot, worker)) = self.slots.remove_pid(pid) else {
+                continue;
+            };
+            if let Some(rt) = &self.runtime {
+                crate::runtime_dir::remove_if_empty(rt, pid.as_raw() as u32);
+            }
+            let expected = worker.retiring.is_some() || self.stopping.is_some();
+            match (code, signal) {
+                (Some(0), _) => {}
+                (Some(c), _) => log::error!("Worker (pid:{pid}) exited with code {c}"),
+                (None, Some(Signal::SIGKILL)) if !expected => {
+                    log::error!("Worker (pid:{pid}) was sent SIGKILL! Perhaps out of memory?");
+                }
+                (None, Some(sig)) if !expected => {
+                    log::error!("Worker (pid:{pid}) was sent {sig}!");
+                }
+                _ => {}
+            }
+            let boot_error = matches!(
+                code.and_then(WorkerExit::from_code),
+                Some(WorkerExit::AppLoadError | WorkerExit::BootError)
+            );
+            if boot_error && self.stopping.is_none() {
+                let failures = self.slots.boot_failed(slot);
+                if failures >= MAX_BOOT_FAILURES {
+                    log::error!(
+                        "Worker failed to boot {failures} times in a row in slot {slot}: shutting \
+                         down. The application's traceback is above."
+                    );
+                    return Some(ExitCode::from(WorkerExit::AppLoadError as u8));
+                }
+            }
+        }
+    }
+
+    /// Aborts workers whose heartbeat has been silent for longer than `--timeout`; KILLs aborted
+    /// workers that did not die.
+    fn murder(&mut self) {
+        let timeout = self.settings.timeout;
+        if timeout > 0 {
+            let late: Vec<(u32, Pid)> = self
+                .slots
+                .serving()
+                .filter(|(slot, w)| {
+                    w.spawned_at.elapsed().as_secs() >= timeout
+                        && self.heartbeats.silence_ms(*slot) > timeout * 1000
+                })
+                .map(|(s, w)| (s, w.pid))
+                .collect();
+            for (slot, pid) in late {
+                log::error!("WORKER TIMEOUT (pid:{pid})");
+                self.slots.retire(slot, true);
+                // faulthandler in the worker prints every thread's stack, then it dies.
+                let _ = kill(pid, Signal::SIGABRT);
+            }
+        }
+        let graceful = Duration::from_secs(self.settings.graceful_timeout);
+        for (_, w) in self.slots.retiring() {
+            if let Some(r) = w.retiring {
+                let limit = if r.aborted { ABORT_GRACE } else { graceful };
+                if r.since.elapsed() > limit {
+                    let _ = kill(w.pid, Signal::SIGKILL);
+                }
+            }
+        }
+    }
+
+    /// Spawns workers into empty slots and retires those above the target.
+    fn manage(&mut self) {
+        for slot in self.slots.excess_slots(self.target) {
+            if let Some(pid) = self.slots.retire(slot, false) {
+                let _ = kill(pid, Signal::SIGTERM);
+            }
+        }
+        for slot in self.slots.empty_slots(self.target, Instant::now()) {
+            self.spawn(slot);
+        }
+        // A worker that lived past the timeout (or 5 s) booted fine.
+        let booted: Vec<u32> = self
+            .slots
+            .serving()
+            .filter(|(_, w)| w.spawned_at.elapsed() > Duration::from_secs(5))
+            .map(|(s, _)| s)
+            .collect();
+        for slot in booted {
+            self.slots.booted(slot);
+        }
+    }
+
+    fn spawn(&mut self, slot: u32) {
+        let age = self.slots.next_age();
+        self.heartbeats.beat(slot);
+        let forked = Python::attach(crate::python::fork);
+        match forked {
+            Ok(crate::python::Forked::Parent(pid)) => {
+                log::info!("Booting worker with pid: {pid}");
+                self.slots.insert(
+                    slot,
+                    WorkerProc {
+                        pid,
+                        age,
+                        spawned_at: Instant::now(),
+                        retiring: None,
+                    },
+                );
+            }
+            Ok(crate::python::Forked::Child) => {
+                let code = Python::attach(|py| spawn::worker_main(py, self, slot, age));
+                spawn::exit_worker(code);
+            }
+            Err(e) => log::error!("fork failed: {e}"),
+        }
+    }
+
+    fn cleanup(&mut self) {
+        if let Some(path) = &self.pidfile {
+            let _ = std::fs::remove_file(path);
+        }
+        for l in &self.listeners {
+            if let Listener::Unix(_, path) = l {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}

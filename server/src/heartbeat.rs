@@ -1,0 +1,98 @@
+//! Worker liveness shared with the leader through one anonymous shared memory page set.
+//!
+//! gunicorn workers `utime` a temporary file and the leader `stat`s it; here each slot is one
+//! atomic word in memory the leader maps before forking, so a beat costs a single store and
+//! the leader's check is a load. A worker beats from its event loop only while no request has
+//! run longer than `--timeout`, so a stuck request, not only a stuck loop, stops the beats.
+
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous};
+
+/// How many slots the shared table holds; `TTIN` cannot grow past it.
+pub const MAX_SLOTS: usize = 4096;
+
+/// Milliseconds on the system-wide monotonic clock (the same in every process).
+pub fn now_ms() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available on Linux");
+    (ts.tv_sec() as u64) * 1000 + (ts.tv_nsec() as u64) / 1_000_000
+}
+
+/// The shared table; cheap to copy (it is a pointer to memory that lives until exit).
+#[derive(Clone, Copy, Debug)]
+pub struct Heartbeats {
+    base: NonNull<AtomicU64>,
+}
+
+// SAFETY: the memory is a table of atomics that stays mapped for the life of the process.
+unsafe impl Send for Heartbeats {}
+// SAFETY: as above; all access goes through atomic operations.
+unsafe impl Sync for Heartbeats {}
+
+impl Heartbeats {
+    /// Maps the table (shared with every child forked afterwards).
+    ///
+    /// # Errors
+    /// `mmap` failed.
+    pub fn new() -> nix::Result<Self> {
+        let len = std::num::NonZeroUsize::new(MAX_SLOTS * 8).expect("non-zero size");
+        // SAFETY: a fresh anonymous mapping, zero-filled, never unmapped.
+        let ptr = unsafe {
+            mmap_anonymous(
+                None,
+                len,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+            )?
+        };
+        Ok(Self { base: ptr.cast() })
+    }
+
+    fn cell(&self, slot: u32) -> Option<&AtomicU64> {
+        let slot = slot as usize;
+        // SAFETY: index checked against the mapping size; AtomicU64 has the alignment of u64 and
+        // the mapping is page-aligned.
+        (slot < MAX_SLOTS).then(|| unsafe { &*self.base.as_ptr().add(slot) })
+    }
+
+    /// Records that the worker in `slot` is alive now.
+    pub fn beat(&self, slot: u32) {
+        if let Some(c) = self.cell(slot) {
+            c.store(now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// Milliseconds since the last beat of `slot` (0 if it never beat).
+    pub fn silence_ms(&self, slot: u32) -> u64 {
+        self.cell(slot)
+            .map(|c| c.load(Ordering::Relaxed))
+            .filter(|&t| t != 0)
+            .map_or(0, |t| now_ms().saturating_sub(t))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn beats_are_seen_across_fork() {
+        let hb = Heartbeats::new().expect("mmap");
+        assert_eq!(hb.silence_ms(1), 0);
+        // SAFETY: the child only stores to shared memory and exits.
+        match unsafe { nix::unistd::fork() }.expect("fork") {
+            nix::unistd::ForkResult::Child => {
+                hb.beat(1);
+                unsafe { libc::_exit(0) };
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                nix::sys::wait::waitpid(child, None).expect("wait");
+                assert!(hb.silence_ms(1) < 60_000);
+                let cell = hb.cell(1).expect("slot").load(Ordering::Relaxed);
+                assert!(cell > 0, "the child's beat is visible to the parent");
+            }
+        }
+    }
+}

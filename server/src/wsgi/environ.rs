@@ -1,0 +1,327 @@
+//! The WSGI environ: a base dict built once per worker, copied and completed per request with
+//! the values gunicorn gives for the same request.
+
+use std::net::{IpAddr, SocketAddr};
+
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyString, PyTuple};
+use pyo3::{intern, sync::PyOnceLock};
+
+use crate::http::{RequestHead, Version};
+
+/// What the server knows about the two ends of a connection.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The client's address; `None` on a Unix socket.
+    pub remote: Option<SocketAddr>,
+    /// The listening address the connection came in on; `None` on a Unix socket.
+    pub local: Option<SocketAddr>,
+    /// Whether the client may set the scheme through forwarding headers (`--forwarded-allow-ips`).
+    pub trusted_proxy: bool,
+}
+
+/// `--forwarded-allow-ips`: addresses and networks whose forwarding headers are believed.
+#[derive(Debug, Clone, Default)]
+pub struct TrustedProxies {
+    any: bool,
+    nets: Vec<(IpAddr, u8)>,
+}
+
+impl TrustedProxies {
+    /// Parses gunicorn's list: `*`, addresses, or CIDR networks. Unparsable entries are errors.
+    ///
+    /// # Errors
+    /// An entry that is neither `*`, an IP address nor a network.
+    pub fn parse(entries: &[String]) -> anyhow::Result<Self> {
+        let mut out = Self::default();
+        for entry in entries.iter().flat_map(|e| e.split(',')) {
+            let entry = entry.trim();
+            if entry.is_empty() {
+                continue;
+            }
+            if entry == "*" {
+                out.any = true;
+                continue;
+            }
+            let (addr, bits) = match entry.split_once('/') {
+                Some((a, b)) => (a, Some(b)),
+                None => (entry, None),
+            };
+            let ip: IpAddr = addr
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--forwarded-allow-ips: {entry:?} is not an address"))?;
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            let bits = match bits {
+                Some(b) => b
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|b| *b <= max)
+                    .ok_or_else(|| anyhow::anyhow!("--forwarded-allow-ips: bad prefix in {entry:?}"))?,
+                None => max,
+            };
+            out.nets.push((ip, bits));
+        }
+        Ok(out)
+    }
+
+    /// True when forwarding headers from `peer` are believed. Unix-socket peers are trusted, as
+    /// in gunicorn (the proxy is on the same host).
+    pub fn allows(&self, peer: Option<IpAddr>) -> bool {
+        let Some(ip) = peer else { return true };
+        if self.any {
+            return true;
+        }
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        self.nets.iter().any(|(net, bits)| same_prefix(ip, *net, *bits))
+    }
+}
+
+fn same_prefix(a: IpAddr, b: IpAddr, bits: u8) -> bool {
+    match (a, b) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(bits)).unwrap_or(0);
+            u32::from(a) & mask == u32::from(b) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(b)) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(bits)).unwrap_or(0);
+            u128::from(a) & mask == u128::from(b) & mask
+        }
+        _ => false,
+    }
+}
+
+/// Builds the per-worker constant part of the environ.
+///
+/// # Errors
+/// Only if basic Python objects cannot be created.
+pub fn base_environ<'py>(
+    py: Python<'py>,
+    multiprocess: bool,
+    multithread: bool,
+) -> PyResult<Bound<'py, PyDict>> {
+    let env = PyDict::new(py);
+    env.set_item("wsgi.version", PyTuple::new(py, [1, 0])?)?;
+    env.set_item("wsgi.multithread", multithread)?;
+    env.set_item("wsgi.multiprocess", multiprocess)?;
+    env.set_item("wsgi.run_once", false)?;
+    env.set_item("wsgi.input_terminated", true)?;
+    env.set_item("wsgi.errors", py.import("sys")?.getattr("stderr")?)?;
+    env.set_item("wsgi.file_wrapper", py.get_type::<super::file_wrapper::FileWrapper>())?;
+    env.set_item(
+        "SERVER_SOFTWARE",
+        concat!("forkscope/", env!("CARGO_PKG_VERSION")),
+    )?;
+    Ok(env)
+}
+
+/// Decodes bytes as latin-1 into a Python str (PEP 3333's "native string").
+pub fn latin1<'py>(py: Python<'py>, bytes: &[u8]) -> Bound<'py, PyString> {
+    if bytes.is_ascii() {
+        return PyString::new(py, std::str::from_utf8(bytes).expect("ASCII is UTF-8"));
+    }
+    let s: String = bytes.iter().map(|&b| b as char).collect();
+    PyString::new(py, &s)
+}
+
+/// Percent-decodes a path to bytes (invalid escapes stay as they are), as gunicorn's
+/// `unquote_to_wsgi_str` does before decoding latin-1.
+pub fn percent_decode(raw: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if !raw.contains(&b'%') {
+        return std::borrow::Cow::Borrowed(raw);
+    }
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i] == b'%'
+            && i + 2 < raw.len()
+            && let (Some(h), Some(l)) = (hex(raw[i + 1]), hex(raw[i + 2]))
+        {
+            out.push(h << 4 | l);
+            i += 3;
+            continue;
+        }
+        out.push(raw[i]);
+        i += 1;
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// The `HTTP_*` key of a header name (`x-forwarded-for` → `HTTP_X_FORWARDED_FOR`).
+fn cgi_key(name: &str) -> String {
+    let mut key = String::with_capacity(5 + name.len());
+    key.push_str("HTTP_");
+    key.extend(name.chars().map(|c| if c == '-' { '_' } else { c.to_ascii_uppercase() }));
+    key
+}
+
+/// Interned `HTTP_HOST`, the one header nearly every request has.
+static HTTP_HOST: PyOnceLock<Py<PyString>> = PyOnceLock::new();
+
+/// Fills the per-request part of `env` (a copy of the base environ).
+///
+/// # Errors
+/// Only if Python objects cannot be created.
+pub fn fill<'py>(
+    py: Python<'py>,
+    env: &Bound<'py, PyDict>,
+    head: &RequestHead,
+    peer: &Peer,
+    script_name: &str,
+) -> PyResult<()> {
+    env.set_item(intern!(py, "REQUEST_METHOD"), method_str(py, &head.method))?;
+    env.set_item(intern!(py, "QUERY_STRING"), latin1(py, &head.query))?;
+    env.set_item(intern!(py, "RAW_URI"), latin1(py, &head.target))?;
+    env.set_item(
+        intern!(py, "SERVER_PROTOCOL"),
+        match head.version {
+            Version::Http10 => intern!(py, "HTTP/1.0"),
+            Version::Http11 => intern!(py, "HTTP/1.1"),
+        },
+    )?;
+
+    let mut host: Option<&[u8]> = None;
+    let mut scheme_https = false;
+    for (name, value) in &head.headers {
+        // Underscores make `X_Forwarded` and `X-Forwarded` collide in CGI names: a spoofing
+        // vector, so such headers are dropped (gunicorn's default `header_map = "drop"`).
+        if name.contains('_') {
+            continue;
+        }
+        if name.eq_ignore_ascii_case("host") {
+            host = Some(value);
+            let key = HTTP_HOST.get_or_init(py, || PyString::new(py, "HTTP_HOST").unbind());
+            set_or_join(env, key.bind(py), latin1(py, value))?;
+            continue;
+        }
+        if name.eq_ignore_ascii_case("content-type") {
+            env.set_item(intern!(py, "CONTENT_TYPE"), latin1(py, value))?;
+            continue;
+        }
+        if name.eq_ignore_ascii_case("content-length") {
+            env.set_item(intern!(py, "CONTENT_LENGTH"), latin1(py, value))?;
+            continue;
+        }
+        if peer.trusted_proxy && is_secure_scheme_header(name, value) {
+            scheme_https = true;
+        }
+        let key = PyString::new(py, &cgi_key(name));
+        set_or_join(env, &key, latin1(py, value))?;
+    }
+
+    let scheme = if scheme_https { "https" } else { "http" };
+    env.set_item(intern!(py, "wsgi.url_scheme"), scheme)?;
+
+    match peer.remote {
+        Some(addr) => {
+            env.set_item(intern!(py, "REMOTE_ADDR"), addr.ip().to_string())?;
+            env.set_item(intern!(py, "REMOTE_PORT"), addr.port().to_string())?;
+        }
+        None => env.set_item(intern!(py, "REMOTE_ADDR"), "")?,
+    }
+
+    let (server_name, server_port) = match host {
+        Some(h) => split_host(h, scheme),
+        None => match peer.local {
+            Some(a) => (a.ip().to_string(), a.port().to_string()),
+            None => (String::new(), String::new()),
+        },
+    };
+    env.set_item(intern!(py, "SERVER_NAME"), server_name)?;
+    env.set_item(intern!(py, "SERVER_PORT"), server_port)?;
+
+    let path = percent_decode(&head.path);
+    let path_info: &[u8] = if !script_name.is_empty() {
+        path.strip_prefix(script_name.as_bytes()).unwrap_or(&path)
+    } else {
+        &path
+    };
+    env.set_item(intern!(py, "SCRIPT_NAME"), script_name)?;
+    env.set_item(intern!(py, "PATH_INFO"), latin1(py, path_info))?;
+    Ok(())
+}
+
+/// Repeated headers are joined with a comma, as gunicorn does.
+fn set_or_join<'py>(
+    env: &Bound<'py, PyDict>,
+    key: &Bound<'py, PyString>,
+    value: Bound<'py, PyString>,
+) -> PyResult<()> {
+    match env.get_item(key)? {
+        Some(old) => {
+            let joined = format!("{},{}", old.extract::<String>()?, value.to_str()?);
+            env.set_item(key, joined)
+        }
+        None => env.set_item(key, value),
+    }
+}
+
+/// gunicorn's default `secure_scheme_headers`.
+fn is_secure_scheme_header(name: &str, value: &[u8]) -> bool {
+    (name.eq_ignore_ascii_case("x-forwarded-proto") && value.eq_ignore_ascii_case(b"https"))
+        || (name.eq_ignore_ascii_case("x-forwarded-protocol") && value.eq_ignore_ascii_case(b"ssl"))
+        || (name.eq_ignore_ascii_case("x-forwarded-ssl") && value.eq_ignore_ascii_case(b"on"))
+}
+
+/// Splits a Host header into SERVER_NAME and SERVER_PORT (the scheme's port when absent).
+fn split_host(host: &[u8], scheme: &str) -> (String, String) {
+    let host: String = host.iter().map(|&b| b as char).collect();
+    let default_port = if scheme == "https" { "443" } else { "80" };
+    if let Some(rest) = host.strip_prefix('[') {
+        if let Some((name, after)) = rest.split_once(']') {
+            let port = after.strip_prefix(':').unwrap_or(default_port);
+            return (format!("[{name}]"), port.to_owned());
+        }
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) => (name.to_owned(), port.to_owned()),
+        None => (host, default_port.to_owned()),
+    }
+}
+
+/// Common methods are interned; others are built per request.
+fn method_str<'py>(py: Python<'py>, method: &str) -> Bound<'py, PyString> {
+    match method {
+        "GET" => intern!(py, "GET").clone(),
+        "POST" => intern!(py, "POST").clone(),
+        "HEAD" => intern!(py, "HEAD").clone(),
+        "PUT" => intern!(py, "PUT").clone(),
+        "DELETE" => intern!(py, "DELETE").clone(),
+        other => PyString::new(py, other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_decoding_keeps_invalid_escapes() {
+        assert_eq!(&*percent_decode(b"/a%20b"), b"/a b");
+        assert_eq!(&*percent_decode(b"/%zz%4"), b"/%zz%4");
+        assert_eq!(&*percent_decode(b"/caf%C3%A9"), b"/caf\xc3\xa9");
+    }
+
+    #[test]
+    fn host_splitting() {
+        assert_eq!(split_host(b"example.com", "http"), ("example.com".into(), "80".into()));
+        assert_eq!(split_host(b"example.com", "https"), ("example.com".into(), "443".into()));
+        assert_eq!(split_host(b"h:8080", "http"), ("h".into(), "8080".into()));
+        assert_eq!(split_host(b"[::1]:9", "http"), ("[::1]".into(), "9".into()));
+    }
+
+    #[test]
+    fn trusted_proxies() {
+        let t = TrustedProxies::parse(&["127.0.0.1,10.0.0.0/8".into(), "::1".into()]).expect("ok");
+        assert!(t.allows(Some("127.0.0.1".parse().expect("ip"))));
+        assert!(t.allows(Some("10.2.3.4".parse().expect("ip"))));
+        assert!(t.allows(Some("::ffff:127.0.0.1".parse().expect("ip"))));
+        assert!(!t.allows(Some("192.168.1.1".parse().expect("ip"))));
+        assert!(t.allows(None));
+        assert!(TrustedProxies::parse(&["*".into()]).expect("ok").allows(Some("8.8.8.8".parse().expect("ip"))));
+        assert!(TrustedProxies::parse(&["nope".into()]).is_err());
+    }
+}

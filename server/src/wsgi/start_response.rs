@@ -1,0 +1,191 @@
+//! `start_response` and the `write()` callable it returns (PEP 3333), with the response state
+//! they share with the server: status, headers, framing and the output buffer.
+
+use pyo3::exceptions::{PyAssertionError, PyRuntimeError, PyTypeError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
+
+use crate::http::{DateCache, ResponsePlan, Version};
+use crate::wsgi::output::Output;
+
+/// The response of one request as the app builds it.
+#[pyclass(module = "forkscope", name = "StartResponse")]
+pub struct StartResponse {
+    version: Version,
+    head_request: bool,
+    request_keep_alive: bool,
+    /// Status and headers from the latest `start_response` call, until they are sent.
+    pending: Option<(String, Vec<(String, String)>)>,
+    /// Set once the head is in the output buffer.
+    plan: Option<ResponsePlan>,
+    /// Where the bytes go.
+    pub(crate) out: Output,
+}
+
+thread_local! {
+    /// Each thread keeps its own cached Date header value (the cache is not `Sync`).
+    static DATE: DateCache = DateCache::new();
+}
+
+impl StartResponse {
+    /// A fresh response for a request of `version`.
+    pub fn new(
+        version: Version,
+        head_request: bool,
+        request_keep_alive: bool,
+        out: Output,
+    ) -> Self {
+        Self {
+            version,
+            head_request,
+            request_keep_alive,
+            pending: None,
+            plan: None,
+            out,
+        }
+    }
+
+    /// True once `start_response` was called.
+    pub fn started(&self) -> bool {
+        self.pending.is_some() || self.plan.is_some()
+    }
+
+    /// True once the head was put on the wire (or in the buffer).
+    pub fn head_sent(&self) -> bool {
+        self.plan.is_some()
+    }
+
+    /// The response plan, once the head is sent.
+    pub fn plan(&self) -> Option<&ResponsePlan> {
+        self.plan.as_ref()
+    }
+
+    /// The status and headers the app gave, sent or not (for the access log).
+    pub fn headers(&self) -> &[(String, String)] {
+        match &self.pending {
+            Some((_, h)) => h,
+            None => &[],
+        }
+    }
+
+    /// Validates and encodes the head; the status and headers stay readable for the access log.
+    fn send_head(&mut self) -> PyResult<()> {
+        if self.plan.is_some() {
+            return Ok(());
+        }
+        let Some((status, headers)) = &self.pending else {
+            return Err(PyAssertionError::new_err(
+                "the application returned data before calling start_response",
+            ));
+        };
+        let plan = ResponsePlan::new(
+            self.version,
+            self.head_request,
+            self.request_keep_alive,
+            status,
+            headers,
+        )
+        .map_err(|e| PyRuntimeError::new_err(format!("invalid response head: {e}")))?;
+        DATE.with(|date| plan.write_head(&mut self.out.buf, date));
+        self.plan = Some(plan);
+        Ok(())
+    }
+
+    /// Appends body bytes (sending the head first), writing to the socket when enough is buffered.
+    pub fn send_body(&mut self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
+        self.send_head()?;
+        let plan = self.plan.as_mut().expect("send_head set the plan");
+        plan.write_body(data, &mut self.out.buf);
+        self.out.pump(py).map_err(PyErr::from)
+    }
+
+    /// Ends the body. Returns whether the connection may be kept alive.
+    pub fn finish(&mut self) -> PyResult<bool> {
+        self.send_head()?;
+        let plan = self.plan.as_mut().expect("send_head set the plan");
+        let complete = plan.finish(&mut self.out.buf);
+        Ok(complete && plan.keep_alive())
+    }
+}
+
+fn extract_headers(headers: &Bound<'_, PyAny>) -> PyResult<Vec<(String, String)>> {
+    let list = headers
+        .cast::<PyList>()
+        .map_err(|_| PyTypeError::new_err("response headers must be a list"))?;
+    let mut out = Vec::with_capacity(list.len());
+    for item in list.iter() {
+        let pair = item
+            .cast::<PyTuple>()
+            .map_err(|_| PyTypeError::new_err("each response header must be a (name, value) tuple"))?;
+        if pair.len() != 2 {
+            return Err(PyTypeError::new_err(
+                "each response header must be a (name, value) tuple",
+            ));
+        }
+        let name = pair.get_item(0)?;
+        let value = pair.get_item(1)?;
+        let (Ok(name), Ok(value)) = (name.cast::<PyString>(), value.cast::<PyString>()) else {
+            return Err(PyTypeError::new_err("header names and values must be str"));
+        };
+        out.push((name.to_str()?.to_owned(), latin1(value)?));
+    }
+    Ok(out)
+}
+
+/// Header values are latin-1 text (PEP 3333); anything else is an app error.
+fn latin1(value: &Bound<'_, PyString>) -> PyResult<String> {
+    let s = value.to_str()?;
+    if s.chars().all(|c| (c as u32) < 256) {
+        Ok(s.to_owned())
+    } else {
+        Err(PyTypeError::new_err(format!(
+            "header value {s:?} is not latin-1"
+        )))
+    }
+}
+
+#[pymethods]
+impl StartResponse {
+    /// `start_response(status, response_headers, exc_info=None)`.
+    #[pyo3(signature = (status, headers, exc_info=None))]
+    fn __call__<'py>(
+        slf: &Bound<'py, Self>,
+        status: &Bound<'py, PyAny>,
+        headers: &Bound<'py, PyAny>,
+        exc_info: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let exc_info = exc_info.filter(|e| !e.is_none());
+        {
+            let mut this = slf.borrow_mut();
+            match exc_info {
+                Some(info) if this.head_sent() => {
+                    // PEP 3333: too late to change the response; re-raise the app's exception.
+                    return Err(PyErr::from_value(info.get_item(1)?));
+                }
+                None if this.started() => {
+                    return Err(PyAssertionError::new_err(
+                        "start_response called a second time without exc_info",
+                    ));
+                }
+                _ => {}
+            }
+            let status = status
+                .cast::<PyString>()
+                .map_err(|_| PyTypeError::new_err("status must be str"))?
+                .to_str()?
+                .to_owned();
+            this.pending = Some((status, extract_headers(headers)?));
+        }
+        // The write() callable of PEP 3333 is a bound method of this object.
+        slf.getattr(pyo3::intern!(slf.py(), "write"))
+    }
+
+    /// The `write(data)` callable for legacy apps: sends `data` right away.
+    fn write(&mut self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let bytes = data
+            .cast::<PyBytes>()
+            .map_err(|_| PyTypeError::new_err("write() argument must be bytes"))?;
+        self.send_body(py, bytes.as_bytes())?;
+        self.out.try_flush().map(|_| ()).map_err(PyErr::from)
+    }
+}

@@ -1,0 +1,159 @@
+"""The test WSGI app: one route per behaviour the integration tests check."""
+import json
+import os
+import sys
+import threading
+import time
+from urllib.parse import parse_qs
+
+_SAFE = (str, int, float, bool, tuple, type(None))
+
+
+def _qs(environ):
+    return {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+
+
+def app(environ, start_response):
+    path = environ["PATH_INFO"]
+    q = _qs(environ)
+    if path == "/":
+        body = b"Hello, World!"
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]
+    if path == "/environ":
+        safe = {k: (v if isinstance(v, _SAFE) else repr(type(v))) for k, v in environ.items()}
+        body = json.dumps(safe, default=str).encode()
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [body]
+    if path == "/echo":
+        size = environ.get("CONTENT_LENGTH")
+        mode = q.get("mode", "read")
+        inp = environ["wsgi.input"]
+        if mode == "lines":
+            data = b"".join(inp.readlines())
+        elif mode == "iter":
+            data = b"".join(iter(inp))
+        elif mode == "chunks":
+            parts = []
+            while True:
+                part = inp.read(int(q.get("n", "7")))
+                if not part:
+                    break
+                parts.append(part)
+            data = b"".join(parts)
+        else:
+            data = inp.read()
+        start_response("200 OK", [("Content-Type", "application/octet-stream"), ("X-Content-Length", str(size))])
+        return [data]
+    if path == "/digest":
+        # Streams the body through a hash: proves large uploads arrive whole.
+        import hashlib
+        h = hashlib.sha256()
+        total = 0
+        while True:
+            chunk = environ["wsgi.input"].read(65536)
+            if not chunk:
+                break
+            h.update(chunk)
+            total += len(chunk)
+        body = json.dumps({"sha256": h.hexdigest(), "size": total}).encode()
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [body]
+    if path == "/stream":
+        n = int(q.get("n", "3"))
+
+        def gen():
+            for i in range(n):
+                yield f"chunk{i}\n".encode()
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return gen()
+    if path == "/large":
+        n = int(q.get("n", "65536"))
+        body = b"x" * n
+        start_response("200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", str(n))])
+        return [body]
+    if path == "/write":
+        write = start_response("200 OK", [("Content-Type", "text/plain")])
+        write(b"written ")
+        return [b"and returned"]
+    if path == "/error":
+        raise RuntimeError("boom from the test app")
+    if path == "/error-after-head":
+        def gen():
+            yield b"partial"
+            raise RuntimeError("boom mid-stream")
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return gen()
+    if path == "/bad-type":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return ["not bytes"]
+    if path == "/no-start":
+        return [b"forgot start_response"]
+    if path == "/sleep":
+        time.sleep(float(q.get("s", "1")))
+        body = f"slept {os.getpid()}".encode()
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]
+    if path == "/pid":
+        body = str(os.getpid()).encode()
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]
+    if path == "/barrier":
+        # Succeeds only when `n` requests are inside the app at the same time.
+        try:
+            _barrier(int(q.get("n", "2"))).wait(timeout=float(q.get("t", "20")))
+            status, body = "200 OK", b"met"
+        except threading.BrokenBarrierError:
+            status, body = "504 Gateway Timeout", b"alone"
+        start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]
+    if path == "/thread":
+        body = threading.current_thread().name.encode()
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]
+    if path == "/close":
+        closed_marker = q.get("marker")
+
+        class Body:
+            def __iter__(self):
+                yield b"body"
+
+            def close(self):
+                if closed_marker:
+                    with open(closed_marker, "w") as f:
+                        f.write("closed")
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return Body()
+    if path == "/file":
+        f = open(__file__, "rb")
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(os.path.getsize(__file__)))])
+        return environ["wsgi.file_wrapper"](f, 4096)
+    if path == "/status":
+        code = q.get("code", "204 No Content")
+        start_response(code, [])
+        return []
+    if path == "/errors":
+        environ["wsgi.errors"].write("message to wsgi.errors\n")
+        environ["wsgi.errors"].flush()
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return [b"ok"]
+    start_response("404 Not Found", [("Content-Type", "text/plain"), ("Content-Length", "9")])
+    return [b"not found"]
+
+
+_barriers = {}
+
+
+def _barrier(n):
+    if n not in _barriers:
+        _barriers[n] = threading.Barrier(n)
+    return _barriers[n]
+
+
+def create_app(greeting="hi"):
+    """A factory, for the MODULE:factory(...) form."""
+    def factory_app(environ, start_response):
+        body = greeting.encode()
+        start_response("200 OK", [("Content-Length", str(len(body)))])
+        return [body]
+    return factory_app
