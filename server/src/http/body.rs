@@ -258,7 +258,7 @@ mod tests {
             decode_all(b"4;x=y\r\nWiki\r\n5\r\npedia\r\n0\r\nA: b\r\n\r\nGET").unwrap();
         assert_eq!(out, b"Wikipedia");
         assert!(done);
-        assert_eq!(n, 39);
+        assert_eq!(n, 34);
     }
 
     #[test]

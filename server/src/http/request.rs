@@ -112,6 +112,10 @@ fn parse_with<'b>(
         }
         Err(err) => {
             check_partial(buf, start, limits)?;
+            if err == httparse::Error::Version && version_may_complete(buf, start) {
+                // `HTTP/2` so far: wait for the line to tell 505 (`HTTP/2.0`) from 400.
+                return Ok(None);
+            }
             Err(classify(err, buf, start))
         }
     }
@@ -186,6 +190,25 @@ fn higher_minor(buf: &[u8], start: usize) -> Option<usize> {
         [b'H', b'T', b'T', b'P', b'/', b'1', b'.', b'2'..=b'9'] => Some(start + line.len() - 1),
         _ => None,
     }
+}
+
+/// Whether the request line is unterminated and its last word could still become
+/// `HTTP/<digit>.<digit>`.
+fn version_may_complete(buf: &[u8], start: usize) -> bool {
+    let line = request_line(buf, start);
+    if start + line.len() < buf.len() {
+        return false;
+    }
+    let Some(sp) = memchr::memrchr(b' ', line) else {
+        return false;
+    };
+    let word = &line[sp + 1..];
+    word.len() <= 8
+        && word.iter().enumerate().all(|(i, b)| match i {
+            0..=4 => *b == b"HTTP/"[i],
+            6 => *b == b'.',
+            _ => b.is_ascii_digit(),
+        })
 }
 
 /// Maps an httparse error to ours, looking at the request line to tell the cases apart.
@@ -526,7 +549,7 @@ mod tests {
         let (head, n) = parse_head(b"GET /a?b=c HTTP/1.1\r\nHost: x\r\n\r\nrest", &limits())
             .unwrap()
             .unwrap();
-        assert_eq!(n, 33);
+        assert_eq!(n, 32);
         assert_eq!(head.method, "GET");
         assert_eq!(head.path, b"/a");
         assert_eq!(head.query, b"b=c");
