@@ -61,7 +61,11 @@ fn preload_imports_once_in_the_leader_and_gc_freezes() {
         .workers(2)
         .env("FORKSCOPE_TEST_IMPORTS", imports.to_str().expect("utf-8"))
         .start();
-    let text = std::fs::read_to_string(&imports).expect("imports file");
+    // Workers announce themselves before importing: wait for both imports.
+    let text = wait_for("both workers to import the app", Duration::from_secs(30), || {
+        let text = std::fs::read_to_string(&imports).ok()?;
+        (text.lines().count() >= 2).then_some(text)
+    });
     let mut pids: Vec<i32> = text.lines().map(|l| l.parse().expect("pid")).collect();
     pids.sort_unstable();
     let mut workers: Vec<i32> = s.workers().into_iter().map(|(_, p)| p).collect();

@@ -169,7 +169,7 @@ fn the_stdlib_validator_finds_nothing_to_complain_about() {
     for (method, path, body) in [
         ("GET", "/", &b""[..]),
         ("GET", "/environ?x=1", b""),
-        ("POST", "/echo", b"abc\ndef"),
+        ("POST", "/echo?mode=chunks", b"abc\ndef"),
         ("POST", "/echo?mode=lines", b"abc\ndef\n"),
         ("POST", "/echo?mode=iter", b"abc\ndef\n"),
         ("GET", "/stream", b""),

@@ -20,7 +20,7 @@ def app(environ, start_response):
         body = b"Hello, World!"
         start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
         return [body]
-    if path == "/environ":
+    if path.startswith("/environ"):
         safe = {k: (v if isinstance(v, _SAFE) else repr(type(v))) for k, v in environ.items()}
         body = json.dumps(safe, default=str).encode()
         start_response("200 OK", [("Content-Type", "application/json")])

@@ -203,6 +203,8 @@ impl Conn {
                 return Next::Close;
             }
             match self.step(limits) {
+                // Bytes queued by this step (a 100 Continue) go out before we wait.
+                Ok(Some(Next::Wait)) if !self.out.is_empty() => {}
                 Ok(Some(next)) => return next,
                 Ok(None) => {}
                 Err(err) => {
