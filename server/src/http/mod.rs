@@ -32,7 +32,8 @@ pub struct Limits {
     pub request_line: usize,
     /// Most header fields (431 beyond); 0 = gunicorn's ceiling of 32768.
     pub fields: usize,
-    /// Longest header field line `name: value` without CRLF (431 beyond); 0 = unlimited.
+    /// Longest header field line `name: value` counted with its CRLF, as gunicorn counts it
+    /// (431 beyond); 0 = unlimited.
     pub field_size: usize,
 }
 

@@ -156,8 +156,9 @@ fn check_partial(buf: &[u8], start: usize, limits: &Limits) -> Result<(), HttpEr
                 return Err(HttpError::RequestLineTooLong);
             }
             let last_lf = memchr::memrchr(b'\n', rest).expect("an LF was found above");
+            // The line being received will be at least `tail - 1` long plus its CRLF.
             let tail = rest.len() - last_lf - 1;
-            if limits.field_size > 0 && tail > limits.field_size + 1 {
+            if limits.field_size > 0 && tail + 1 > limits.field_size {
                 return Err(HttpError::FieldTooLarge);
             }
         }
@@ -307,7 +308,8 @@ fn build(
             let name_at = h.name.as_ptr() as usize - base;
             let value_end = h.value.as_ptr() as usize + h.value.len() - base;
             let len = value_end.saturating_sub(name_at).max(h.name.len() + 1);
-            if len > limits.field_size {
+            // gunicorn counts the line with its CRLF.
+            if len + 2 > limits.field_size {
                 return Err(HttpError::FieldTooLarge);
             }
         }

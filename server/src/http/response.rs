@@ -273,14 +273,13 @@ fn parse_status(status: &str) -> Result<u16, HeaderError> {
     let invalid = || HeaderError::InvalidStatus(status.to_owned());
     let code = match bytes {
         [a @ b'1'..=b'9', b, c, rest @ ..] if b.is_ascii_digit() && c.is_ascii_digit() => {
-            if let [sp, reason @ ..] = rest {
-                if *sp != b' '
+            if let [sp, reason @ ..] = rest
+                && (*sp != b' '
                     || !reason
                         .iter()
-                        .all(|b| *b == b'\t' || (b' '..=b'~').contains(b))
-                {
-                    return Err(invalid());
-                }
+                        .all(|b| *b == b'\t' || (b' '..=b'~').contains(b)))
+            {
+                return Err(invalid());
             }
             u16::from(a - b'0') * 100 + u16::from(b - b'0') * 10 + u16::from(c - b'0')
         }
@@ -388,7 +387,14 @@ mod tests {
         use ResponseFraming::*;
         use Version::*;
         let cl = [("Content-Length", "5")];
-        let cases: &[(Version, bool, &str, &[(&str, &str)], ResponseFraming)] = &[
+        type Case<'a> = (
+            Version,
+            bool,
+            &'a str,
+            &'a [(&'a str, &'a str)],
+            ResponseFraming,
+        );
+        let cases: &[Case] = &[
             (Http11, false, "200 OK", &[], Chunked),
             (Http10, false, "200 OK", &[], UntilClose),
             (Http11, false, "200 OK", &cl, Length(5)),
