@@ -1,0 +1,452 @@
+//! The `ProfileRequest` custom resource (`forkscope.dev/v1alpha1`): what a user asks the
+//! operator to profile (the spec) and what the operator found (the status).
+//!
+//! These Rust types *are* the schema. The CRD YAML in `crds/` is generated from them by
+//! `forkscope-operator crd`, and a test fails when the committed file is stale. Validation lives
+//! in the schema (ranges, enums, required fields, CEL rules) so that the apiserver rejects a bad
+//! spec with a clear message before the operator ever sees it.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Name under which the generated CRD is installed (`PLURAL.GROUP`).
+pub const CRD_NAME: &str = "profilerequests.forkscope.dev";
+
+/// Asks forkscope to profile the workers of a set of pods in this namespace.
+///
+/// The operator talks to the forkscope sidecar of every selected pod, profiles the selected
+/// workers for `duration` (heap diff) or takes one snapshot (stacks), and writes per-pod and
+/// per-worker outcomes plus the top allocation sites aggregated across all of them to the status.
+/// The spec cannot change after creation: create a new request instead.
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[cfg_attr(test, derive(Default))]
+#[kube(
+    group = "forkscope.dev",
+    version = "v1alpha1",
+    kind = "ProfileRequest",
+    plural = "profilerequests",
+    shortname = "profreq",
+    category = "forkscope",
+    namespaced,
+    status = "ProfileRequestStatus",
+    derive = "PartialEq",
+    doc = "ProfileRequest asks forkscope to profile the Python workers of selected pods.",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Where the request is in its life cycle"),
+    printcolumn(name = "Pods", type_ = "integer", json_path = ".status.selectedPods", description = "Pods selected for profiling"),
+    printcolumn(name = "Top site", type_ = "string", json_path = ".status.topSite", description = "The allocation site that grew most, across all workers and pods"),
+    printcolumn(name = "Kind", type_ = "string", json_path = ".spec.kind", priority = "1", description = "HeapDiff or Stacks"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[x_kube(validation = Rule::new("self == oldSelf").message("spec is immutable: create a new ProfileRequest instead"))]
+#[serde(rename_all = "camelCase")]
+pub struct ProfileRequestSpec {
+    /// Which pods of this namespace to profile. It must not be empty: an empty selector would
+    /// select every pod in the namespace.
+    #[x_kube(validation = Rule::new(
+        "(has(self.matchLabels) && size(self.matchLabels) > 0) || (has(self.matchExpressions) && size(self.matchExpressions) > 0)"
+    ).message("selector must not be empty: set matchLabels or matchExpressions"))]
+    pub selector: LabelSelector,
+
+    /// The forkscope sidecar's container port: a number (1-65535) or a port name.
+    #[serde(default = "default_sidecar_port")]
+    #[schemars(schema_with = "int_or_string_schema")]
+    #[x_kube(validation = Rule::new(
+        "type(self) == int ? (self >= 1 && self <= 65535) : (size(self) <= 15 && self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$'))"
+    ).message("sidecarPort must be a port number 1-65535 or a port name (lowercase letters, digits and '-', at most 15 characters)"))]
+    pub sidecar_port: IntOrString,
+
+    /// What to collect: `HeapDiff` (tracemalloc snapshots at start and after `duration`, diffed)
+    /// or `Stacks` (one snapshot of every selected worker's Python stacks).
+    #[serde(default)]
+    pub kind: ProfileKind,
+
+    /// How long to trace before capturing the heap diff, as a duration such as `30s`, `2m` or
+    /// `1m30s` (between 1s and 1h). Ignored for `Stacks`.
+    #[serde(default = "default_duration")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new(
+        "self.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') && duration(self) >= duration('1s') && duration(self) <= duration('1h')"
+    ).message("duration must be a duration between 1s and 1h, such as 30s, 2m or 1m30s"))]
+    pub duration: String,
+
+    /// Which workers of each selected pod to profile. Set exactly one of `all`, `topByPss`,
+    /// `slots`. Defaults to all workers.
+    #[serde(default = "WorkerSelection::all")]
+    pub workers: WorkerSelection,
+
+    /// Traceback depth recorded per allocation (tracemalloc frames), 1-100. Deeper tracebacks
+    /// cost the worker more memory and time while tracing.
+    #[serde(default = "default_frames")]
+    #[schemars(range(min = 1, max = 100))]
+    pub frames: i32,
+
+    /// How many allocation sites to report (per worker, and in the aggregate), 1-1000.
+    #[serde(default = "default_top")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub top: i32,
+
+    /// How many pods are profiled at once, 1-100.
+    #[serde(default = "default_parallelism")]
+    #[schemars(range(min = 1, max = 100))]
+    pub parallelism: i32,
+
+    /// Seconds after the request finished (Succeeded, PartiallySucceeded or Failed) after which
+    /// the operator deletes it. Kept forever when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub ttl_seconds_after_finished: Option<i32>,
+}
+
+fn default_sidecar_port() -> IntOrString {
+    IntOrString::String("forkscope".to_owned())
+}
+
+/// `IntOrString` as a non-nullable int-or-string (the generated schema would also allow null,
+/// which would bypass the default and the port rule).
+fn int_or_string_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({ "x-kubernetes-int-or-string": true, "nullable": false })
+}
+
+fn default_duration() -> String {
+    "30s".to_owned()
+}
+
+fn default_frames() -> i32 {
+    1
+}
+
+fn default_top() -> i32 {
+    20
+}
+
+fn default_parallelism() -> i32 {
+    5
+}
+
+/// What a profile session collects.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ProfileKind {
+    /// tracemalloc baseline at start, capture after `duration`, diffed per allocation site.
+    #[default]
+    HeapDiff,
+    /// One snapshot of the Python stacks of every selected worker.
+    Stacks,
+}
+
+/// Which workers of a pod to profile: exactly one of the three modes.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
+#[x_kube(validation = Rule::new(
+    "[has(self.all), has(self.topByPss), has(self.slots)].exists_one(x, x)"
+).message("workers: set exactly one of all, topByPss or slots"))]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerSelection {
+    /// Every worker of the pod. Only `true` is meaningful.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self").message("workers.all can only be true; use topByPss or slots to narrow the selection"))]
+    pub all: Option<bool>,
+
+    /// The N workers with the largest proportional set size (PSS), 1-1024.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub top_by_pss: Option<i32>,
+
+    /// The workers in these stable slots (0-based, as in `forkscope-server: worker N`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256), inner(range(min = 0, max = 4095)))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub slots: Option<Vec<i32>>,
+}
+
+impl WorkerSelection {
+    /// Every worker of each selected pod (the default).
+    pub fn all() -> Self {
+        Self {
+            all: Some(true),
+            ..Self::default()
+        }
+    }
+}
+
+/// Where a request is in its life cycle.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    /// Accepted, no pod contacted yet.
+    #[default]
+    Pending,
+    /// Profile sessions are in progress on at least one pod.
+    Running,
+    /// Every selected worker of every selected pod delivered a result.
+    Succeeded,
+    /// Some workers or pods delivered results, others failed.
+    PartiallySucceeded,
+    /// No result could be collected (or no pod matched the selector).
+    Failed,
+}
+
+impl Phase {
+    /// Whether the request has finished (its `ttlSecondsAfterFinished` clock runs).
+    pub fn is_finished(self) -> bool {
+        matches!(self, Self::Succeeded | Self::PartiallySucceeded | Self::Failed)
+    }
+}
+
+/// What the operator found. Written only by the operator, through the status subresource.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProfileRequestStatus {
+    /// Where the request is in its life cycle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Standard conditions (e.g. `Ready`, `Complete`), one per type.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+
+    /// When the operator started contacting pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+
+    /// When the request finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+
+    /// How many pods the selector matched when the request started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub selected_pods: Option<i32>,
+
+    /// How many pods delivered a result for every selected worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub succeeded_pods: Option<i32>,
+
+    /// How many pods failed entirely.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub failed_pods: Option<i32>,
+
+    /// The outcome of every selected pod, one entry per pod name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub pods: Vec<PodOutcome>,
+
+    /// The allocation sites that grew most, aggregated across all workers and pods, largest
+    /// growth first (at most `spec.top`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top_sites: Vec<SiteSummary>,
+
+    /// One-line summary of the first entry of `topSites`, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_site: Option<String>,
+
+    /// A ConfigMap holding the full result when it is too large for the status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_config_map: Option<ResultReference>,
+}
+
+/// What happened on one selected pod.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PodOutcome {
+    /// The pod's name.
+    pub name: String,
+
+    /// The pod IP the sidecar was reached at.
+    #[serde(default, rename = "podIP", skip_serializing_if = "Option::is_none")]
+    pub pod_ip: Option<String>,
+
+    /// Progress of this pod.
+    pub phase: Phase,
+
+    /// Why the pod failed as a whole (sidecar unreachable, no workers found, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+
+    /// One entry per profiled worker slot.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["slot".into()]))]
+    pub workers: Vec<WorkerOutcome>,
+}
+
+/// What happened to one worker of a pod.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerOutcome {
+    /// The worker's stable slot.
+    #[schemars(range(min = 0))]
+    pub slot: i32,
+
+    /// The worker's process id inside the pod when it was profiled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i32>,
+
+    /// Proportional set size when profiling started, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub pss_before_bytes: Option<i64>,
+
+    /// Proportional set size at capture, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub pss_after_bytes: Option<i64>,
+
+    /// Why this worker delivered no result; unset on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One allocation site in the aggregate over all profiled workers and pods.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SiteSummary {
+    /// `file:line` of the innermost frame.
+    pub site: String,
+
+    /// The outer frames (`file:line`), innermost first, up to `spec.frames - 1` of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub traceback: Vec<String>,
+
+    /// Growth in bytes between start and capture, summed over workers.
+    pub size_diff_bytes: i64,
+
+    /// Growth in allocated blocks between start and capture, summed over workers.
+    pub count_diff: i64,
+
+    /// How many workers reported this site.
+    #[schemars(range(min = 0))]
+    pub workers: i32,
+}
+
+/// Points at the ConfigMap key that holds the full result JSON.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResultReference {
+    /// ConfigMap name, in the request's namespace.
+    pub name: String,
+    /// Key within the ConfigMap.
+    pub key: String,
+}
+
+/// The CRD as YAML, exactly as committed in `crds/profilerequests.forkscope.dev.yaml`.
+///
+/// # Errors
+/// Only if the CRD cannot be serialized, which would be a bug in the types.
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    let body = serde_yaml::to_string(&ProfileRequest::crd())?;
+    Ok(format!(
+        "# Generated from operator/src/crd.rs by `forkscope-operator crd`. Do not edit.\n{body}"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Path of the committed CRD, relative to this crate.
+    const COMMITTED: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../crds/profilerequests.forkscope.dev.yaml"
+    );
+
+    #[test]
+    fn committed_crd_is_current() {
+        let generated = crd_yaml().expect("the CRD serializes");
+        let committed = std::fs::read_to_string(COMMITTED).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "crds/profilerequests.forkscope.dev.yaml is stale; regenerate it with\n  \
+             cargo run -q -p forkscope-operator -- crd > crds/profilerequests.forkscope.dev.yaml"
+        );
+    }
+
+    #[test]
+    fn crd_names_and_subresources() {
+        let crd = ProfileRequest::crd();
+        assert_eq!(crd.metadata.name.as_deref(), Some(CRD_NAME));
+        assert_eq!(crd.spec.group, "forkscope.dev");
+        assert_eq!(crd.spec.scope, "Namespaced");
+        assert_eq!(crd.spec.names.kind, "ProfileRequest");
+        assert_eq!(crd.spec.names.short_names, Some(vec!["profreq".to_owned()]));
+        let version = &crd.spec.versions[0];
+        assert_eq!(version.name, "v1alpha1");
+        assert!(
+            version
+                .subresources
+                .as_ref()
+                .and_then(|s| s.status.as_ref())
+                .is_some()
+        );
+        let columns: Vec<&str> = version
+            .additional_printer_columns
+            .iter()
+            .flatten()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(columns, ["Phase", "Pods", "Top site", "Kind", "Age"]);
+    }
+
+    #[test]
+    fn a_minimal_spec_gets_the_documented_defaults() {
+        let spec: ProfileRequestSpec =
+            serde_json::from_value(serde_json::json!({"selector": {"matchLabels": {"app": "web"}}}))
+                .expect("a selector alone is a valid spec");
+        assert_eq!(spec.sidecar_port, IntOrString::String("forkscope".into()));
+        assert_eq!(spec.kind, ProfileKind::HeapDiff);
+        assert_eq!(spec.duration, "30s");
+        assert_eq!(spec.workers, WorkerSelection::all());
+        assert_eq!((spec.frames, spec.top, spec.parallelism), (1, 20, 5));
+        assert_eq!(spec.ttl_seconds_after_finished, None);
+    }
+
+    #[test]
+    fn finished_phases() {
+        let finished: Vec<Phase> = [
+            Phase::Pending,
+            Phase::Running,
+            Phase::Succeeded,
+            Phase::PartiallySucceeded,
+            Phase::Failed,
+        ]
+        .into_iter()
+        .filter(|p| p.is_finished())
+        .collect();
+        assert_eq!(
+            finished,
+            [Phase::Succeeded, Phase::PartiallySucceeded, Phase::Failed]
+        );
+    }
+
+    #[test]
+    fn status_round_trips_in_camel_case() {
+        let status = ProfileRequestStatus {
+            phase: Some(Phase::PartiallySucceeded),
+            selected_pods: Some(2),
+            pods: vec![PodOutcome {
+                name: "web-0".into(),
+                phase: Phase::Succeeded,
+                workers: vec![WorkerOutcome {
+                    slot: 3,
+                    pss_before_bytes: Some(10),
+                    pss_after_bytes: Some(20),
+                    ..WorkerOutcome::default()
+                }],
+                ..PodOutcome::default()
+            }],
+            ..ProfileRequestStatus::default()
+        };
+        let json = serde_json::to_value(&status).expect("serializes");
+        assert_eq!(json["selectedPods"], 2);
+        assert_eq!(json["pods"][0]["workers"][0]["pssAfterBytes"], 20);
+        assert!(json.get("conditions").is_none(), "empty lists are omitted");
+        let back: ProfileRequestStatus = serde_json::from_value(json).expect("deserializes");
+        assert_eq!(back, status);
+    }
+}
