@@ -22,7 +22,7 @@ impl Default for DateCache {
 
 impl DateCache {
     /// A cache that formats on first use.
-    pub fn new() -> Self {
+    pub const fn new() -> Self {
         DateCache {
             cached: Mutex::new((u64::MAX, [b' '; DATE_LEN])),
         }

@@ -77,13 +77,18 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Option<(RequestHead, us
         0 => MAX_FIELDS,
         n => n.min(MAX_FIELDS),
     };
+    let mut slots = [const { MaybeUninit::uninit() }; STACK_HEADERS];
     if fields < STACK_HEADERS {
-        let mut slots = [const { MaybeUninit::uninit() }; STACK_HEADERS];
-        parse_with(buf, limits, fields, &mut slots[..fields + 1])
-    } else {
-        let mut slots = Vec::with_capacity(fields + 1);
-        slots.resize_with(fields + 1, MaybeUninit::uninit);
-        parse_with(buf, limits, fields, &mut slots)
+        return parse_with(buf, limits, fields, &mut slots[..fields + 1]);
+    }
+    // A raised limit: try the stack first, go to the heap only for a request that needs it.
+    match parse_with(buf, limits, fields, &mut slots) {
+        Err(HttpError::TooManyFields) => {
+            let mut slots = Vec::with_capacity(fields + 1);
+            slots.resize_with(fields + 1, MaybeUninit::uninit);
+            parse_with(buf, limits, fields, &mut slots)
+        }
+        other => other,
     }
 }
 
