@@ -320,16 +320,19 @@ pub fn evaluate(
         }
         if let Some(&(_, arity)) = HOOKS.iter().find(|(hook, _)| *hook == name) {
             let hook = check_hook(&helpers, location, &name, arity, &value)?;
-            *file.hooks.slot(&name).expect("HOOKS and Hooks list the same names") = Some(hook);
+            *file
+                .hooks
+                .slot(&name)
+                .expect("HOOKS and Hooks list the same names") = Some(hook);
         } else if let Some(kind) = kinds.get(&name) {
             let value = convert(location, &name, *kind, &value)?;
             file.values.push((name, value));
-        } else if let Some(entry) = unsupported::by_name(&name) {
-            if !is_harmless(&helpers, entry, &value) {
-                return Err(ConfigError::Unsupported(
-                    entry.setting_error(&format!("in config file {location}")),
-                ));
-            }
+        } else if let Some(entry) = unsupported::by_name(&name)
+            && !is_harmless(&helpers, entry, &value)
+        {
+            return Err(ConfigError::Unsupported(
+                entry.setting_error(&format!("in config file {location}")),
+            ));
         }
     }
     Ok(file)
@@ -375,7 +378,12 @@ fn check_hook(
     let (count, varargs): (usize, bool) = helpers
         .call_method1("arity", (&hook,))
         .and_then(|result| result.extract())
-        .map_err(|err| bad(format!("has no inspectable signature: {}", exception_line(py, &err))))?;
+        .map_err(|err| {
+            bad(format!(
+                "has no inspectable signature: {}",
+                exception_line(py, &err)
+            ))
+        })?;
     let accepted = if name == "post_request" {
         (2..=4).contains(&count) || (varargs && count <= 4)
     } else {

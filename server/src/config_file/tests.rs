@@ -95,10 +95,16 @@ fn realistic_config_file_settings_and_hooks() {
     assert_eq!(values["workers"], &ConfigValue::Values(vec!["4".into()]));
     assert_eq!(values["preload_app"], &ConfigValue::Flag(true));
     assert_eq!(values["accesslog"], &ConfigValue::Values(vec!["-".into()]));
-    assert!(!values.contains_key("calls"), "non-setting globals are ignored");
+    assert!(
+        !values.contains_key("calls"),
+        "non-setting globals are ignored"
+    );
     assert!(!values.contains_key("multiprocessing"));
     for (name, _) in HOOKS {
-        assert!(file.hooks.get(name).is_some(), "hook {name} was not collected");
+        assert!(
+            file.hooks.get(name).is_some(),
+            "hook {name} was not collected"
+        );
     }
 
     Python::attach(|py| {
@@ -111,7 +117,10 @@ fn realistic_config_file_settings_and_hooks() {
         call(&hooks.pre_fork, vec!["server", "worker-0"]);
         // post_request is always called with four arguments; the file's two-argument
         // version is wrapped, as gunicorn does.
-        call(&hooks.post_request, vec!["worker-0", "req", "environ", "resp"]);
+        call(
+            &hooks.post_request,
+            vec!["worker-0", "req", "environ", "resp"],
+        );
         call(&hooks.nworkers_changed, vec!["server", "3", "2"]);
         let module_calls = hooks
             .on_starting
@@ -132,15 +141,20 @@ fn realistic_config_file_settings_and_hooks() {
 
 #[test]
 fn file_is_run_as_gunicorn_does() {
-    let file = evaluate_body(
-        "import os\nbind = os.path.basename(__file__)\nproc_name = __name__\n",
-    )
-    .unwrap();
+    let file =
+        evaluate_body("import os\nbind = os.path.basename(__file__)\nproc_name = __name__\n")
+            .unwrap();
     assert_eq!(
         file.values,
         vec![
-            ("bind".to_owned(), ConfigValue::Values(vec!["gunicorn.conf.py".into()])),
-            ("proc_name".to_owned(), ConfigValue::Values(vec!["__config__".into()])),
+            (
+                "bind".to_owned(),
+                ConfigValue::Values(vec!["gunicorn.conf.py".into()])
+            ),
+            (
+                "proc_name".to_owned(),
+                ConfigValue::Values(vec!["__config__".into()])
+            ),
         ]
     );
 }
@@ -164,12 +178,24 @@ fn post_request_with_three_or_four_arguments() {
 #[test]
 fn hooks_with_the_wrong_arity_or_type_are_refused() {
     for (body, needle) in [
-        ("def post_fork(server):\n    pass\n", "hook `post_fork` in config file"),
-        ("def when_ready(server, extra):\n    pass\n", "must take 1 positional"),
-        ("nworkers_changed = lambda server: None\n", "must take 3 positional"),
+        (
+            "def post_fork(server):\n    pass\n",
+            "hook `post_fork` in config file",
+        ),
+        (
+            "def when_ready(server, extra):\n    pass\n",
+            "must take 1 positional",
+        ),
+        (
+            "nworkers_changed = lambda server: None\n",
+            "must take 3 positional",
+        ),
         ("on_starting = 42\n", "must be callable, not int (42)"),
         ("on_exit = 'nodots'\n", "cannot be resolved"),
-        ("pre_request = 'no_such_module_xyz.fn'\n", "ModuleNotFoundError"),
+        (
+            "pre_request = 'no_such_module_xyz.fn'\n",
+            "ModuleNotFoundError",
+        ),
     ] {
         let error = evaluate_body(body).unwrap_err();
         assert!(
@@ -194,7 +220,8 @@ fn hooks_by_dotted_name_and_varargs() {
 
 #[test]
 fn unsupported_hooks_are_refused() {
-    let error = evaluate_body("def ssl_context(config, default):\n    return default\n").unwrap_err();
+    let error =
+        evaluate_body("def ssl_context(config, default):\n    return default\n").unwrap_err();
     assert!(
         error.to_string().starts_with("ssl_context (in config file"),
         "{error}"
@@ -208,7 +235,10 @@ fn a_raising_file_gives_the_traceback() {
         panic!("expected Raised, got {error:?}");
     };
     assert!(traceback.contains("ModuleNotFoundError"), "{traceback}");
-    assert!(traceback.contains("gunicorn.conf.py\", line 1"), "{traceback}");
+    assert!(
+        traceback.contains("gunicorn.conf.py\", line 1"),
+        "{traceback}"
+    );
     let error = evaluate_body("workers = (\n").unwrap_err();
     assert!(error.to_string().contains("SyntaxError"), "{error}");
 }

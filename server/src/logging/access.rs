@@ -1,31 +1,8 @@
 //! The access log: gunicorn's `%(atom)s` format, parsed once, rendered per request.
 //!
-//! # Atoms (gunicorn's)
+//! # Atoms
 //!
-//! | atom | value |
-//! | --- | --- |
-//! | `h` | remote address |
-//! | `l` | `-` |
-//! | `u` | user name from `Authorization: Basic`, else `-` |
-//! | `t` | date and time, `[25/Nov/2026:20:42:14 +0000]` (when the response finished) |
-//! | `r` | request line, `GET /path?query HTTP/1.1` |
-//! | `m` | method |
-//! | `U` | path without the query |
-//! | `q` | query string |
-//! | `H` | protocol, `HTTP/1.1` |
-//! | `s` | status code |
-//! | `B` | response body length |
-//! | `b` | response body length, or `-` when unknown |
-//! | `f` | `Referer` header, else `-` |
-//! | `a` | `User-Agent` header, else `-` |
-//! | `T` | request time in whole seconds |
-//! | `M` | request time in whole milliseconds |
-//! | `D` | request time in whole microseconds |
-//! | `L` | request time in decimal seconds, `0.012345` |
-//! | `p` | process id, `<1234>` |
-//! | `{name}i` | request header `name` (case-insensitive; the last one wins) |
-//! | `{name}o` | response header `name` |
-//! | `{name}e` | WSGI environ variable `name`, through [`AccessRecord::environ`] |
+//! gunicorn's atoms, listed with their meaning in [`ATOMS`] (and in `docs/SETTINGS.md`).
 //!
 //! An unknown atom renders as `-`, and `"` inside a value is written as `\"`, both as gunicorn
 //! does. `%%` is a literal `%`. Conversions `s`, `d`, `i`, `r` and `a` are accepted and all
@@ -41,6 +18,41 @@ use chrono::{DateTime, Local};
 
 use super::sink::Sink;
 use crate::settings::Settings;
+
+/// gunicorn's access-log atoms and what they render, for the docs.
+pub const ATOMS: &[(&str, &str)] = &[
+    ("h", "remote address"),
+    ("l", "`-`"),
+    ("u", "user name from `Authorization: Basic`, else `-`"),
+    (
+        "t",
+        "date and time when the response finished, `[25/Nov/2026:20:42:14 +0000]`",
+    ),
+    ("r", "request line, `GET /path?query HTTP/1.1`"),
+    ("m", "request method"),
+    ("U", "URL path without the query string"),
+    ("q", "query string"),
+    ("H", "protocol, `HTTP/1.1`"),
+    ("s", "status code"),
+    ("B", "response body length"),
+    ("b", "response body length, or `-` when unknown"),
+    ("f", "`Referer` header, else `-`"),
+    ("a", "`User-Agent` header, else `-`"),
+    ("T", "request time in whole seconds"),
+    ("M", "request time in whole milliseconds"),
+    ("D", "request time in whole microseconds"),
+    ("L", "request time in decimal seconds, `0.012345`"),
+    ("p", "process id, `<1234>`"),
+    (
+        "{name}i",
+        "request header `name` (case-insensitive; the last one wins)",
+    ),
+    ("{name}o", "response header `name`"),
+    ("{name}e", "WSGI environ variable `name`"),
+];
+
+/// Looks up a WSGI environ variable by name (for `%({name}e)s`).
+pub type EnvironLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
 
 /// What the worker knows about one finished request, borrowed for the time of [`AccessLog::log`].
 pub struct AccessRecord<'a> {
@@ -71,7 +83,7 @@ pub struct AccessRecord<'a> {
     /// Looks up a WSGI environ variable for `%({name}e)s`. gunicorn matches the name
     /// case-insensitively; the lookup gets the name as written in the format. Called only when
     /// the format uses an environ atom; `None` renders those atoms as `-`.
-    pub environ: Option<&'a dyn Fn(&str) -> Option<String>>,
+    pub environ: Option<EnvironLookup<'a>>,
 }
 
 /// One atom of the format, resolved when the format is parsed.
@@ -276,7 +288,9 @@ impl AccessLog {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Nothing is left half-updated by a panic while logging; keep going.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Parses a gunicorn access-log format (Python `%`-formatting with a mapping) into segments.
@@ -319,7 +333,9 @@ fn parse_format(format: &str) -> anyhow::Result<Vec<Segment>> {
                 }
                 let mut width = 0usize;
                 while let Some(&(_, digit)) = chars.peek() {
-                    let Some(value) = digit.to_digit(10) else { break };
+                    let Some(value) = digit.to_digit(10) else {
+                        break;
+                    };
                     width = width.saturating_mul(10).saturating_add(value as usize);
                     chars.next();
                 }
@@ -417,7 +433,10 @@ fn push_int(out: &mut String, value: impl itoa::Integer) {
 /// All values of request header `name` joined with `,` (as in the WSGI environ), else `-`.
 fn joined_header(out: &mut String, headers: &[(String, Vec<u8>)], name: &str) {
     let mut found = false;
-    for (_, value) in headers.iter().filter(|(key, _)| key.eq_ignore_ascii_case(name)) {
+    for (_, value) in headers
+        .iter()
+        .filter(|(key, _)| key.eq_ignore_ascii_case(name))
+    {
         if found {
             out.push(',');
         }

@@ -61,7 +61,9 @@ static ERROR_LOG: ErrorLog = ErrorLog {
 impl ErrorLog {
     fn sink(&self) -> MutexGuard<'_, Option<Sink>> {
         // A panic while writing a log line leaves nothing half-updated; keep logging.
-        self.sink.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.sink
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

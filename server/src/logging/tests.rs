@@ -12,7 +12,12 @@ fn line_format_is_gunicorns() {
         .with_ymd_and_hms(2026, 11, 25, 20, 42, 14)
         .unwrap();
     assert_eq!(
-        format_line(&time, 4242, LogLevel::Info, &format_args!("Booting worker with pid: {}", 7)),
+        format_line(
+            &time,
+            4242,
+            LogLevel::Info,
+            &format_args!("Booting worker with pid: {}", 7)
+        ),
         "[2026-11-25 20:42:14 +0000] [4242] [INFO] Booting worker with pid: 7\n"
     );
     let time = FixedOffset::west_opt(5 * 3600 + 30 * 60)
@@ -20,7 +25,12 @@ fn line_format_is_gunicorns() {
         .with_ymd_and_hms(2026, 1, 2, 3, 4, 5)
         .unwrap();
     assert_eq!(
-        format_line(&time, 1, LogLevel::Critical, &format_args!("WORKER TIMEOUT (pid:9)")),
+        format_line(
+            &time,
+            1,
+            LogLevel::Critical,
+            &format_args!("WORKER TIMEOUT (pid:9)")
+        ),
         "[2026-01-02 03:04:05 -0530] [1] [CRITICAL] WORKER TIMEOUT (pid:9)\n"
     );
     for (level, name) in [
@@ -28,7 +38,9 @@ fn line_format_is_gunicorns() {
         (LogLevel::Warning, "WARNING"),
         (LogLevel::Error, "ERROR"),
     ] {
-        assert!(format_line(&time, 1, level, &format_args!("x")).contains(&format!("] [{name}] x")));
+        assert!(
+            format_line(&time, 1, level, &format_args!("x")).contains(&format!("] [{name}] x"))
+        );
     }
 }
 
@@ -49,7 +61,13 @@ fn error_log_to_file_levels_and_reopen() {
     let path = dir.path().join("error.log");
     let path_str = path.to_str().unwrap();
 
-    init(&settings(&["--error-logfile", path_str, "--log-level", "warning"])).unwrap();
+    init(&settings(&[
+        "--error-logfile",
+        path_str,
+        "--log-level",
+        "warning",
+    ]))
+    .unwrap();
     log::info!("hidden info line");
     log::warn!("visible warning line");
     log::error!("visible error line\nwith a second line");
@@ -62,8 +80,13 @@ fn error_log_to_file_levels_and_reopen() {
         .find(|line| line.ends_with("visible warning line"))
         .unwrap_or_else(|| panic!("no warning line in {text}"));
     let prefix = format!("] [{pid}] [WARNING] visible warning line");
-    assert!(warning.starts_with('[') && warning.ends_with(&prefix), "{warning}");
-    assert!(text.contains(&format!("[{pid}] [ERROR] visible error line\nwith a second line\n")));
+    assert!(
+        warning.starts_with('[') && warning.ends_with(&prefix),
+        "{warning}"
+    );
+    assert!(text.contains(&format!(
+        "[{pid}] [ERROR] visible error line\nwith a second line\n"
+    )));
     assert!(text.contains(&format!("[{pid}] [CRITICAL] visible critical line\n")));
 
     // logrotate: move the file away, reopen, and new lines go to a new file at the path.
@@ -92,9 +115,19 @@ fn error_log_to_file_levels_and_reopen() {
     assert!(!text.contains("plain error is dropped"), "{text}");
     assert!(text.contains("[CRITICAL] critical is kept"), "{text}");
 
-    init(&settings(&["--error-logfile", path_str, "--log-level", "debug"])).unwrap();
+    init(&settings(&[
+        "--error-logfile",
+        path_str,
+        "--log-level",
+        "debug",
+    ]))
+    .unwrap();
     log::debug!("debug is shown at debug");
-    assert!(std::fs::read_to_string(&path).unwrap().contains("[DEBUG] debug is shown at debug"));
+    assert!(
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .contains("[DEBUG] debug is shown at debug")
+    );
     // Leave the logger writing to stderr at info for whatever runs next in this process.
     init(&settings(&[])).unwrap();
 }

@@ -97,8 +97,17 @@ pub fn load_with_env(
 
     let config = [&command_line, &forkscope_args, &gunicorn_args, &env_layer]
         .iter()
-        .find_map(|layer| layer.get("config").and_then(Value::as_str).map(str::to_owned))
-        .or_else(|| Path::new(DEFAULT_CONFIG).is_file().then(|| DEFAULT_CONFIG.to_owned()));
+        .find_map(|layer| {
+            layer
+                .get("config")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .or_else(|| {
+            Path::new(DEFAULT_CONFIG)
+                .is_file()
+                .then(|| DEFAULT_CONFIG.to_owned())
+        });
 
     let mut merged = defaults()?;
     let (config_layer, hooks) = match &config {
@@ -133,7 +142,10 @@ pub fn load_with_env(
     ] {
         merged.extend(layer);
     }
-    merged.insert("config".to_owned(), config.map_or(Value::Null, Value::String));
+    merged.insert(
+        "config".to_owned(),
+        config.map_or(Value::Null, Value::String),
+    );
     let settings: Settings = serde_json::from_value(Value::Object(merged))
         .context("internal error: the merged settings do not deserialize")?;
     Ok(Loaded { settings, hooks })
@@ -263,7 +275,11 @@ fn env_layer(env: &dyn Fn(&str) -> Option<OsString>) -> anyhow::Result<Map<Strin
                 anyhow!("{variable}={value}: expected true/false, yes/no, on/off or 1/0")
             })?)
         } else {
-            parse_value(name, &[value.clone()], &format!("{variable}={value}"))?
+            parse_value(
+                name,
+                std::slice::from_ref(&value),
+                &format!("{variable}={value}"),
+            )?
         };
         layer.insert(name.to_owned(), json);
     }
@@ -279,7 +295,11 @@ fn parse_value(name: &str, values: &[String], origin: &str) -> anyhow::Result<Va
         .ok_or_else(|| anyhow!("internal error: no setting named {name}"))?;
     let mut args = vec![OsString::from("forkscope-server")];
     match arg.get_long() {
-        Some(long) => args.extend(values.iter().map(|v| OsString::from(format!("--{long}={v}")))),
+        Some(long) => args.extend(
+            values
+                .iter()
+                .map(|v| OsString::from(format!("--{long}={v}"))),
+        ),
         None => {
             args.push(OsString::from("--"));
             args.extend(values.iter().map(OsString::from));
@@ -316,7 +336,10 @@ pub fn setting_kinds() -> BTreeMap<String, SettingKind> {
                 || arg.get_value_delimiter().is_some()
             {
                 SettingKind::List
-            } else if ints.iter().any(|id| arg.get_value_parser().type_id() == *id) {
+            } else if ints
+                .iter()
+                .any(|id| arg.get_value_parser().type_id() == *id)
+            {
                 SettingKind::Int
             } else {
                 SettingKind::Text

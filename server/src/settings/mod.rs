@@ -121,7 +121,11 @@ pub struct Settings {
     pub chdir: Option<PathBuf>,
 
     /// Comma-separated directories to add to the Python path (`sys.path`).
-    #[arg(long = "pythonpath", value_name = "PATHS", env = "FORKSCOPE_PYTHONPATH")]
+    #[arg(
+        long = "pythonpath",
+        value_name = "PATHS",
+        env = "FORKSCOPE_PYTHONPATH"
+    )]
     pub pythonpath: Option<String>,
 
     /// Set an environment variable in the server and the app: `KEY=VALUE`. Repeatable.
@@ -239,7 +243,11 @@ pub struct Settings {
     pub forwarded_allow_ips: Vec<String>,
 
     /// Write the access log to this file (`-` = stdout). Off by default.
-    #[arg(long = "access-logfile", value_name = "FILE", env = "FORKSCOPE_ACCESSLOG")]
+    #[arg(
+        long = "access-logfile",
+        value_name = "FILE",
+        env = "FORKSCOPE_ACCESSLOG"
+    )]
     pub accesslog: Option<String>,
 
     /// The access log format, with gunicorn's `%(atom)s` atoms (see docs/SETTINGS.md).
@@ -273,19 +281,34 @@ pub struct Settings {
     pub loglevel: LogLevel,
 
     /// Write the leader's PID to this file (removed at exit).
-    #[arg(short = 'p', long = "pid", value_name = "FILE", env = "FORKSCOPE_PIDFILE")]
+    #[arg(
+        short = 'p',
+        long = "pid",
+        value_name = "FILE",
+        env = "FORKSCOPE_PIDFILE"
+    )]
     pub pidfile: Option<PathBuf>,
 
     /// The name shown in process titles: `forkscope-server: leader [NAME]`.
     ///
     /// Default: the application (`MODULE:VARIABLE`).
-    #[arg(short = 'n', long = "name", value_name = "NAME", env = "FORKSCOPE_PROC_NAME")]
+    #[arg(
+        short = 'n',
+        long = "name",
+        value_name = "NAME",
+        env = "FORKSCOPE_PROC_NAME"
+    )]
     pub proc_name: Option<String>,
 
     /// The gunicorn-style Python config file, or `python:MODULE` to import it as a module.
     ///
     /// Default: `./gunicorn.conf.py` when that file exists.
-    #[arg(short = 'c', long = "config", value_name = "CONFIG", env = "FORKSCOPE_CONFIG")]
+    #[arg(
+        short = 'c',
+        long = "config",
+        value_name = "CONFIG",
+        env = "FORKSCOPE_CONFIG"
+    )]
     pub config: Option<String>,
 
     /// Check the configuration and the application import, then exit (0 when fine).
@@ -332,7 +355,11 @@ pub struct Settings {
     ///
     /// gunicorn keeps a heartbeat file per worker there (often `/dev/shm`); forkscope's leader
     /// watches its workers without files. A warning says so when it is set.
-    #[arg(long = "worker-tmp-dir", value_name = "DIR", env = "FORKSCOPE_WORKER_TMP_DIR")]
+    #[arg(
+        long = "worker-tmp-dir",
+        value_name = "DIR",
+        env = "FORKSCOPE_WORKER_TMP_DIR"
+    )]
     pub worker_tmp_dir: Option<PathBuf>,
 }
 

@@ -86,15 +86,65 @@ fn defaults_match_gunicorn() {
 fn every_gunicorn_flag_spelling_parses() {
     let s = load_plain(
         &[
-            "-b", "0.0.0.0:1", "--bind", "unix:/tmp/s", "-w", "3", "--threads", "4", "--preload",
-            "--no-gc-freeze", "--chdir", "/srv", "--pythonpath", "a,b", "-e", "A=1", "--env",
-            "B=2=3", "--backlog", "10", "--keep-alive", "5", "-t", "6", "--graceful-timeout", "7",
-            "--max-requests", "8", "--max-requests-jitter", "9", "--limit-request-line", "100",
-            "--limit-request-fields", "11", "--limit-request-field_size", "12",
-            "--forwarded-allow-ips", "*", "--access-logfile", "-", "--access-logformat",
-            "%(h)s", "--log-file", "/tmp/e.log", "--log-level", "WARNING", "-p", "/tmp/pid",
-            "-n", "shop", "--runtime-dir", "/tmp/rt", "-k", "gthread", "--check-config",
-            "--print-config", "--worker-tmp-dir", "/dev/shm", "pkg.mod:app",
+            "-b",
+            "0.0.0.0:1",
+            "--bind",
+            "unix:/tmp/s",
+            "-w",
+            "3",
+            "--threads",
+            "4",
+            "--preload",
+            "--no-gc-freeze",
+            "--chdir",
+            "/srv",
+            "--pythonpath",
+            "a,b",
+            "-e",
+            "A=1",
+            "--env",
+            "B=2=3",
+            "--backlog",
+            "10",
+            "--keep-alive",
+            "5",
+            "-t",
+            "6",
+            "--graceful-timeout",
+            "7",
+            "--max-requests",
+            "8",
+            "--max-requests-jitter",
+            "9",
+            "--limit-request-line",
+            "100",
+            "--limit-request-fields",
+            "11",
+            "--limit-request-field_size",
+            "12",
+            "--forwarded-allow-ips",
+            "*",
+            "--access-logfile",
+            "-",
+            "--access-logformat",
+            "%(h)s",
+            "--log-file",
+            "/tmp/e.log",
+            "--log-level",
+            "WARNING",
+            "-p",
+            "/tmp/pid",
+            "-n",
+            "shop",
+            "--runtime-dir",
+            "/tmp/rt",
+            "-k",
+            "gthread",
+            "--check-config",
+            "--print-config",
+            "--worker-tmp-dir",
+            "/dev/shm",
+            "pkg.mod:app",
         ],
         &[],
     )
@@ -105,10 +155,17 @@ fn every_gunicorn_flag_spelling_parses() {
     assert_eq!(s.chdir, Some(PathBuf::from("/srv")));
     assert_eq!(s.pythonpath_entries(), vec!["a", "b"]);
     assert_eq!(s.raw_env_pairs(), vec![("A", "1"), ("B", "2=3")]);
-    assert_eq!((s.backlog, s.keepalive, s.timeout, s.graceful_timeout), (10, 5, 6, 7));
+    assert_eq!(
+        (s.backlog, s.keepalive, s.timeout, s.graceful_timeout),
+        (10, 5, 6, 7)
+    );
     assert_eq!((s.max_requests, s.max_requests_jitter), (8, 9));
     assert_eq!(
-        (s.limit_request_line, s.limit_request_fields, s.limit_request_field_size),
+        (
+            s.limit_request_line,
+            s.limit_request_fields,
+            s.limit_request_field_size
+        ),
         (100, 11, 12)
     );
     assert_eq!(s.forwarded_allow_ips, vec!["*"]);
@@ -123,12 +180,21 @@ fn every_gunicorn_flag_spelling_parses() {
     assert!(s.check_config && s.print_config);
     assert_eq!(s.worker_tmp_dir, Some(PathBuf::from("/dev/shm")));
     assert_eq!(s.wsgi_app.as_deref(), Some("pkg.mod:app"));
-    assert_eq!(s.warnings().len(), 1, "worker_tmp_dir has no effect and says so");
+    assert_eq!(
+        s.warnings().len(),
+        1,
+        "worker_tmp_dir has no effect and says so"
+    );
 }
 
 #[test]
 fn web_concurrency_is_the_default_worker_count() {
-    assert_eq!(load_plain(&[], &[("WEB_CONCURRENCY", "4")]).unwrap().workers, 4);
+    assert_eq!(
+        load_plain(&[], &[("WEB_CONCURRENCY", "4")])
+            .unwrap()
+            .workers,
+        4
+    );
     assert_eq!(
         load_plain(&["-w", "2"], &[("WEB_CONCURRENCY", "4")])
             .unwrap()
@@ -156,8 +222,14 @@ fn web_concurrency_loses_to_the_config_file() {
 
 #[test]
 fn port_and_forwarded_allow_ips_env_defaults() {
-    let s = load_plain(&[], &[("PORT", "9000"), ("FORWARDED_ALLOW_IPS", "10.0.0.1,10.0.0.2")])
-        .unwrap();
+    let s = load_plain(
+        &[],
+        &[
+            ("PORT", "9000"),
+            ("FORWARDED_ALLOW_IPS", "10.0.0.1,10.0.0.2"),
+        ],
+    )
+    .unwrap();
     assert_eq!(s.bind, vec!["0.0.0.0:9000"]);
     assert_eq!(s.forwarded_allow_ips, vec!["10.0.0.1", "10.0.0.2"]);
     let s = load_plain(&["-b", "127.0.0.1:1"], &[("PORT", "9000")]).unwrap();
@@ -179,9 +251,15 @@ fn precedence_config_env_cmd_args_cli() {
     assert!(config_only.preload_app);
     assert_eq!(config_only.config.as_deref(), Some(path.as_str()));
 
-    let env = [("FORKSCOPE_WORKERS", "3"), ("FORKSCOPE_PRELOAD_APP", "false")];
+    let env = [
+        ("FORKSCOPE_WORKERS", "3"),
+        ("FORKSCOPE_PRELOAD_APP", "false"),
+    ];
     let with_env = load_py(&["-c", &path], &env).unwrap().settings;
-    assert_eq!(with_env.workers, 3, "FORKSCOPE_WORKERS beats the config file");
+    assert_eq!(
+        with_env.workers, 3,
+        "FORKSCOPE_WORKERS beats the config file"
+    );
     assert!(!with_env.preload_app, "an env var can switch a flag off");
     assert_eq!(with_env.timeout, 10);
 
@@ -190,9 +268,16 @@ fn precedence_config_env_cmd_args_cli() {
         ("GUNICORN_CMD_ARGS", "-w 4 --timeout 11 -b 127.0.0.1:4"),
     ];
     let with_gunicorn_args = load_py(&["-c", &path], &env).unwrap().settings;
-    assert_eq!(with_gunicorn_args.workers, 4, "GUNICORN_CMD_ARGS beats env vars");
+    assert_eq!(
+        with_gunicorn_args.workers, 4,
+        "GUNICORN_CMD_ARGS beats env vars"
+    );
     assert_eq!(with_gunicorn_args.timeout, 11);
-    assert_eq!(with_gunicorn_args.bind, vec!["127.0.0.1:4"], "lists are replaced");
+    assert_eq!(
+        with_gunicorn_args.bind,
+        vec!["127.0.0.1:4"],
+        "lists are replaced"
+    );
     assert_eq!(with_gunicorn_args.keepalive, 7);
 
     let env = [
@@ -201,7 +286,10 @@ fn precedence_config_env_cmd_args_cli() {
         ("FORKSCOPE_CMD_ARGS", "-w 5"),
     ];
     let with_forkscope_args = load_py(&["-c", &path], &env).unwrap().settings;
-    assert_eq!(with_forkscope_args.workers, 5, "FORKSCOPE_CMD_ARGS beats GUNICORN_CMD_ARGS");
+    assert_eq!(
+        with_forkscope_args.workers, 5,
+        "FORKSCOPE_CMD_ARGS beats GUNICORN_CMD_ARGS"
+    );
     assert_eq!(with_forkscope_args.timeout, 11);
 
     let with_cli = load_py(&["-c", &path, "-w", "6", "--keep-alive", "8"], &env)
@@ -217,9 +305,13 @@ fn precedence_config_env_cmd_args_cli() {
 fn config_file_named_in_cmd_args_or_env() {
     let (_dir, path) = config_file("workers = 7\n");
     let cmd_args = format!("-c {}", shlex::try_quote(&path).unwrap());
-    let s = load_py(&[], &[("GUNICORN_CMD_ARGS", &cmd_args)]).unwrap().settings;
+    let s = load_py(&[], &[("GUNICORN_CMD_ARGS", &cmd_args)])
+        .unwrap()
+        .settings;
     assert_eq!(s.workers, 7);
-    let s = load_py(&[], &[("FORKSCOPE_CONFIG", &path)]).unwrap().settings;
+    let s = load_py(&[], &[("FORKSCOPE_CONFIG", &path)])
+        .unwrap()
+        .settings;
     assert_eq!(s.workers, 7);
     let (_other_dir, other) = config_file("workers = 8\n");
     let s = load_py(&["-c", &other], &[("GUNICORN_CMD_ARGS", &cmd_args)])
@@ -270,7 +362,10 @@ fn env_flags_and_lists() {
 fn cmd_args_are_shell_quoted() {
     let s = load_plain(
         &[],
-        &[("GUNICORN_CMD_ARGS", r#"--access-logformat '%(h)s "%(r)s"' -e 'GREETING=hello world'"#)],
+        &[(
+            "GUNICORN_CMD_ARGS",
+            r#"--access-logformat '%(h)s "%(r)s"' -e 'GREETING=hello world'"#,
+        )],
     )
     .unwrap();
     assert_eq!(s.access_log_format, r#"%(h)s "%(r)s""#);
@@ -317,16 +412,36 @@ fn worker_classes() {
         ("gunicorn.workers.gthread.ThreadWorker", "gthread"),
         ("gunicorn.workers.sync.SyncWorker", "sync"),
     ] {
-        assert_eq!(load_plain(&["-k", given], &[]).unwrap().worker_class, expected);
+        assert_eq!(
+            load_plain(&["-k", given], &[]).unwrap().worker_class,
+            expected
+        );
     }
-    for class in ["gevent", "eventlet", "tornado", "uvicorn.workers.UvicornWorker"] {
+    for class in [
+        "gevent",
+        "eventlet",
+        "tornado",
+        "uvicorn.workers.UvicornWorker",
+    ] {
         let error = format!("{}", load_plain(&["-k", class], &[]).unwrap_err());
-        assert!(error.contains(class) && error.contains("does not support"), "{error}");
-        let error = error_of(load_plain(&[], &[("GUNICORN_CMD_ARGS", &format!("-k {class}"))]));
-        assert!(error.contains(class) && error.contains("GUNICORN_CMD_ARGS"), "{error}");
+        assert!(
+            error.contains(class) && error.contains("does not support"),
+            "{error}"
+        );
+        let error = error_of(load_plain(
+            &[],
+            &[("GUNICORN_CMD_ARGS", &format!("-k {class}"))],
+        ));
+        assert!(
+            error.contains(class) && error.contains("GUNICORN_CMD_ARGS"),
+            "{error}"
+        );
         let (_dir, path) = config_file(&format!("worker_class = {class:?}\n"));
         let error = error_of(load_py(&["-c", &path], &[]));
-        assert!(error.contains(class) && error.contains("worker_class"), "{error}");
+        assert!(
+            error.contains(class) && error.contains("worker_class"),
+            "{error}"
+        );
     }
 }
 
@@ -345,13 +460,18 @@ fn every_unsupported_flag_is_named() {
             let error = error_of(load_plain(&args, &[]));
             let long = long.expect("every flagged entry has a long flag");
             assert!(
-                error.contains(&format!("{long} (on the command line) is a gunicorn option")),
+                error.contains(&format!(
+                    "{long} (on the command line) is a gunicorn option"
+                )),
                 "{flag}: {error}"
             );
             assert!(error.contains(entry.reason), "{flag}: {error}");
             for variable in ["GUNICORN_CMD_ARGS", "FORKSCOPE_CMD_ARGS"] {
                 let error = error_of(load_plain(&["app:app"], &[(variable, &args.join(" "))]));
-                assert!(error.contains(&format!("{long} (in {variable})")), "{error}");
+                assert!(
+                    error.contains(&format!("{long} (in {variable})")),
+                    "{error}"
+                );
             }
         }
         if entry.takes_value
@@ -463,8 +583,14 @@ fn config_file_values_of_every_shape() {
 fn a_config_file_that_raises_shows_its_traceback() {
     let (_dir, path) = config_file("workers = 2\n\ndef broken():\n    return 1 / 0\n\nbroken()\n");
     let error = error_of(load_py(&["-c", &path], &[]));
-    assert!(error.contains(&format!("config file {path} raised an exception")), "{error}");
-    assert!(error.contains("Traceback (most recent call last)"), "{error}");
+    assert!(
+        error.contains(&format!("config file {path} raised an exception")),
+        "{error}"
+    );
+    assert!(
+        error.contains("Traceback (most recent call last)"),
+        "{error}"
+    );
     assert!(error.contains("ZeroDivisionError"), "{error}");
     assert!(error.contains("line 4, in broken"), "{error}");
 }
@@ -472,7 +598,10 @@ fn a_config_file_that_raises_shows_its_traceback() {
 #[test]
 fn a_missing_config_file_is_an_error() {
     let error = error_of(load_py(&["-c", "/nonexistent/gunicorn.conf.py"], &[]));
-    assert!(error.contains("/nonexistent/gunicorn.conf.py does not exist"), "{error}");
+    assert!(
+        error.contains("/nonexistent/gunicorn.conf.py does not exist"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -481,11 +610,16 @@ fn print_config_lists_every_setting() {
     let printed = s.print_config();
     for name in setting_kinds().keys() {
         assert!(
-            printed.lines().any(|line| line.starts_with(&format!("{name} "))),
+            printed
+                .lines()
+                .any(|line| line.starts_with(&format!("{name} "))),
             "{name} missing from:\n{printed}"
         );
     }
-    assert!(printed.contains("workers                  = 3\n"), "{printed}");
+    assert!(
+        printed.contains("workers                  = 3\n"),
+        "{printed}"
+    );
 }
 
 #[test]
@@ -501,7 +635,10 @@ fn setting_kinds_follow_the_declarations() {
     assert_eq!(kinds["errorlog"], SettingKind::Text);
     assert_eq!(kinds["loglevel"], SettingKind::Text);
     assert_eq!(kinds["wsgi_app"], SettingKind::Text);
-    assert!(!kinds.contains_key("config"), "a config file cannot name another");
+    assert!(
+        !kinds.contains_key("config"),
+        "a config file cannot name another"
+    );
 }
 
 #[test]

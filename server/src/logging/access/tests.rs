@@ -55,7 +55,7 @@ const START_SECS: u64 = 1_795_639_334;
 fn record<'a>(
     request_headers: &'a [(String, Vec<u8>)],
     response_headers: &'a [(String, String)],
-    environ: Option<&'a dyn Fn(&str) -> Option<String>>,
+    environ: Option<EnvironLookup<'a>>,
 ) -> AccessRecord<'a> {
     AccessRecord {
         remote_addr: "192.0.2.7",
@@ -84,7 +84,9 @@ fn render(format: &str) -> String {
         _ => None,
     };
     let line = log.render(&record(&request, &response, Some(&environ)));
-    line.strip_suffix('\n').expect("lines end in a newline").to_owned()
+    line.strip_suffix('\n')
+        .expect("lines end in a newline")
+        .to_owned()
 }
 
 /// `[dd/Mon/yyyy:HH:MM:SS +zzzz]` built independently of the implementation.
@@ -181,8 +183,14 @@ fn missing_values_and_unknown_lengths() {
 
 #[test]
 fn literals_percent_and_width() {
-    assert_eq!(render("100%% of %(m)s [%(s)5s] [%(m)-6s]"), "100% of GET [  200] [GET   ]");
-    assert_eq!(render("%(s)d %(M)i no atoms here"), "200 2345 no atoms here");
+    assert_eq!(
+        render("100%% of %(m)s [%(s)5s] [%(m)-6s]"),
+        "100% of GET [  200] [GET   ]"
+    );
+    assert_eq!(
+        render("%(s)d %(M)i no atoms here"),
+        "200 2345 no atoms here"
+    );
     assert_eq!(render("%((nested))s"), "-");
 }
 
@@ -193,7 +201,10 @@ fn bad_formats_are_refused_at_start() {
         let path = dir.path().join("access.log");
         let error = AccessLog::new(&settings(format, path.to_str().unwrap()))
             .expect_err("a broken format must be refused");
-        assert!(error.to_string().contains("access log format"), "{format}: {error}");
+        assert!(
+            error.to_string().contains("access log format"),
+            "{format}: {error}"
+        );
     }
 }
 
@@ -222,7 +233,10 @@ fn writes_lines_to_the_file_and_reopens() {
         std::fs::read_to_string(dir.path().join("access.log.1")).unwrap(),
         "GET /shop/items 200\nGET /shop/items 200\n"
     );
-    assert_eq!(std::fs::read_to_string(&path).unwrap(), "GET /shop/items 200\n");
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        "GET /shop/items 200\n"
+    );
 }
 
 #[test]
