@@ -200,7 +200,7 @@ pub struct Settings {
 
     /// The maximum size in bytes of the request line (method, target, version).
     ///
-    /// 0 means the maximum, 8190 (as in gunicorn); larger values are lowered to it.
+    /// 0 means unlimited; values above 8190 are lowered to 8190 (as in gunicorn).
     #[arg(
         long = "limit-request-line",
         value_name = "BYTES",
@@ -209,7 +209,9 @@ pub struct Settings {
     )]
     pub limit_request_line: usize,
 
-    /// The maximum number of header fields in a request (at most 32768).
+    /// The maximum number of header fields in a request.
+    ///
+    /// 0 or values above 32768 mean 32768 (as in gunicorn).
     #[arg(
         long = "limit-request-fields",
         value_name = "INT",
@@ -218,9 +220,9 @@ pub struct Settings {
     )]
     pub limit_request_fields: usize,
 
-    /// The maximum size in bytes of one request header field (name, colon and value).
+    /// The maximum size in bytes of one request header field line (name, colon, value, CRLF).
     ///
-    /// 0 means unlimited.
+    /// 0 means the default, 8190 (what gunicorn's code does).
     #[arg(
         long = "limit-request-field_size",
         visible_alias = "limit-request-field-size",
@@ -397,6 +399,26 @@ impl Settings {
     /// The clap command for `Settings` alone: what `--help` and `docs/SETTINGS.md` show.
     pub fn command() -> clap::Command {
         <Self as CommandFactory>::command()
+    }
+
+    /// The request-head limits with gunicorn's clamping applied (see each setting's docs):
+    /// request line above 8190 → 8190 (0 stays unlimited), fields 0 or above 32768 → 32768,
+    /// field size 0 → 8190.
+    pub fn http_limits(&self) -> crate::http::Limits {
+        const MAX_REQUEST_LINE: usize = 8190;
+        const MAX_HEADERS: usize = 32768;
+        const DEFAULT_MAX_HEADER_FIELD_SIZE: usize = 8190;
+        crate::http::Limits {
+            request_line: self.limit_request_line.min(MAX_REQUEST_LINE),
+            fields: match self.limit_request_fields {
+                0 => MAX_HEADERS,
+                fields => fields.min(MAX_HEADERS),
+            },
+            field_size: match self.limit_request_field_size {
+                0 => DEFAULT_MAX_HEADER_FIELD_SIZE,
+                size => size,
+            },
+        }
     }
 
     /// The `--pythonpath` entries, in order (empty entries dropped).

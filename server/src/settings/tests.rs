@@ -649,3 +649,37 @@ fn unsupported_names_never_shadow_settings() {
         assert!(unsupported::by_arg_id(entry.name).is_some());
     }
 }
+
+#[test]
+fn http_limits_clamp_like_gunicorn() {
+    let limits = |args: &[&str]| load_plain(args, &[]).unwrap().http_limits();
+    let default = limits(&[]);
+    assert_eq!(
+        (default.request_line, default.fields, default.field_size),
+        (4094, 100, 8190)
+    );
+    let high = limits(&[
+        "--limit-request-line",
+        "20000",
+        "--limit-request-fields",
+        "40000",
+        "--limit-request-field_size",
+        "20000",
+    ]);
+    assert_eq!(
+        (high.request_line, high.fields, high.field_size),
+        (8190, 32768, 20000)
+    );
+    let zero = limits(&[
+        "--limit-request-line",
+        "0",
+        "--limit-request-fields",
+        "0",
+        "--limit-request-field-size",
+        "0",
+    ]);
+    assert_eq!(
+        (zero.request_line, zero.fields, zero.field_size),
+        (0, 32768, 8190)
+    );
+}
