@@ -221,7 +221,10 @@ fn read_json(path: &Path) -> Value {
 /// difference.
 fn check_request(got: &Parsed, want: &Value) -> Result<(), String> {
     let head = &got.head;
-    let field = |key: &str| want.get(key).unwrap_or_else(|| panic!("expectation lacks {key:?}"));
+    let field = |key: &str| {
+        want.get(key)
+            .unwrap_or_else(|| panic!("expectation lacks {key:?}"))
+    };
     let mut diffs = Vec::new();
     let mut expect_bytes = |key: &str, actual: &[u8]| {
         if let Some(v) = want.get(key) {
@@ -253,7 +256,10 @@ fn check_request(got: &Parsed, want: &Value) -> Result<(), String> {
         .iter()
         .map(|pair| {
             let pair = pair.as_array().expect("a header is [name, value]");
-            (latin1(&pair[0], "header name"), latin1(&pair[1], "header value"))
+            (
+                latin1(&pair[0], "header name"),
+                latin1(&pair[1], "header value"),
+            )
         })
         .collect();
     let actual: Vec<(Vec<u8>, Vec<u8>)> = head
@@ -295,7 +301,10 @@ fn valid_requests_parse_as_expected_at_every_chunking() {
                 continue;
             }
             if outcome.leftover != 0 {
-                failures.push(format!("{name}: {} bytes left incomplete", outcome.leftover));
+                failures.push(format!(
+                    "{name}: {} bytes left incomplete",
+                    outcome.leftover
+                ));
             }
             if outcome.requests.len() != wanted.len() {
                 failures.push(format!(
@@ -330,7 +339,10 @@ fn invalid_requests_are_refused_with_their_status_at_every_chunking() {
         let spec = read_json(json);
         let limits = limits_of(&spec);
         let status = spec["status"].as_u64().expect("status is a number");
-        let before = spec.get("requests_before").and_then(Value::as_u64).unwrap_or(0);
+        let before = spec
+            .get("requests_before")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
         for (how, cuts) in chunkings(&input) {
             let outcome = feed(&input, &cuts, &limits);
             let name = format!("{} ({how})", http.display());
@@ -358,5 +370,9 @@ fn invalid_requests_are_refused_with_their_status_at_every_chunking() {
         failures.len(),
         failures[..failures.len().min(40)].join("\n")
     );
-    assert!(all.len() >= 50, "the invalid corpus shrank to {}", all.len());
+    assert!(
+        all.len() >= 50,
+        "the invalid corpus shrank to {}",
+        all.len()
+    );
 }
