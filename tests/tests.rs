@@ -1,6 +1,8 @@
 //! The one integration-test binary (ripgrep style): each module below is a feature area.
 
+mod differential;
 mod frameworks;
 mod http;
 mod prefork;
+mod profiler;
 mod wsgi;

@@ -3,6 +3,7 @@
 //! workers through `/proc`, and stop everything the test started.
 
 pub mod client;
+pub mod gunicorn;
 pub mod procs;
 pub mod server;
 

@@ -153,6 +153,10 @@ impl Wsgi {
         environ::fill(py, &env, &req.head, &req.peer, &self.script_name)?;
         let body = std::mem::replace(&mut req.body, Body::empty());
         env.set_item(pyo3::intern!(py, "wsgi.input"), Bound::new(py, WsgiInput::new(body)?)?)?;
+        env.set_item(
+            pyo3::intern!(py, "wsgi.early_hints"),
+            response.getattr(pyo3::intern!(py, "early_hints"))?,
+        )?;
         let result = self.app.bind(py).call1((env, response))?;
         let streamed = stream(py, &result, response);
         let closed = close(&result);

@@ -180,6 +180,30 @@ impl StartResponse {
         slf.getattr(pyo3::intern!(slf.py(), "write"))
     }
 
+    /// `wsgi.early_hints(headers)`: sends a `103 Early Hints` interim response (HTTP/1.1
+    /// clients only, and only before the final head), as gunicorn does.
+    fn early_hints(&mut self, headers: &Bound<'_, PyAny>) -> PyResult<()> {
+        let headers = extract_headers(headers)?;
+        if self.head_sent() || self.version != Version::Http11 {
+            return Ok(());
+        }
+        let mut interim = b"HTTP/1.1 103 Early Hints\r\n".to_vec();
+        for (name, value) in &headers {
+            let token = !name.is_empty()
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            if !token || value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+                return Err(PyRuntimeError::new_err(format!("invalid early hint header {name:?}")));
+            }
+            interim.extend_from_slice(name.as_bytes());
+            interim.extend_from_slice(b": ");
+            interim.extend(value.trim_matches([' ', '\t']).chars().map(|c| c as u8));
+            interim.extend_from_slice(b"\r\n");
+        }
+        interim.extend_from_slice(b"\r\n");
+        self.out.buf.extend_from_slice(&interim);
+        self.out.try_flush().map(|_| ()).map_err(PyErr::from)
+    }
+
     /// The `write(data)` callable for legacy apps: sends `data` right away.
     fn write(&mut self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
         let bytes = data
