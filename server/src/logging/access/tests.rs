@@ -263,3 +263,134 @@ fn lines_from_threads_never_interleave() {
     assert_eq!(text.lines().count(), 800);
     assert!(text.lines().all(|line| line == expected));
 }
+
+/// gunicorn itself renders the same request, through its own `glogging.Logger.atoms` and
+/// `SafeAtoms`, in the test venv's Python; every atom but the clock (`t`) and the pid (`p`)
+/// must match byte for byte.
+#[test]
+fn matches_gunicorn_rendering() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let venv = std::process::Command::new(root.join("scripts/python-env"))
+        .output()
+        .expect("run scripts/python-env");
+    assert!(
+        venv.status.success(),
+        "{}",
+        String::from_utf8_lossy(&venv.stderr)
+    );
+    let venv = String::from_utf8(venv.stdout).unwrap();
+    let python = std::path::Path::new(venv.trim()).join("bin/python");
+
+    let atoms = [
+        "h",
+        "l",
+        "u",
+        "r",
+        "m",
+        "U",
+        "q",
+        "H",
+        "s",
+        "B",
+        "b",
+        "f",
+        "a",
+        "T",
+        "M",
+        "D",
+        "L",
+        "{host}i",
+        "{X-FORWARDED-FOR}i",
+        "{x-latin}i",
+        "{missing}i",
+        "{content-type}o",
+        "{X-Request-Id}o",
+        "{missing}o",
+        "{wsgi.url_scheme}e",
+        "{missing}e",
+        "nosuchatom",
+    ];
+    let mut formats: Vec<String> = atoms.iter().map(|atom| format!("%({atom})s")).collect();
+    formats.push(
+        atoms
+            .iter()
+            .map(|atom| format!("%({atom})s"))
+            .collect::<Vec<_>>()
+            .join(" | "),
+    );
+    formats.push(r#"100%% "%(r)s" [%(s)5s] [%(m)-6s]"#.to_owned());
+
+    let script = r#"
+import datetime, json, sys
+from gunicorn.config import Config
+from gunicorn.glogging import Logger, SafeAtoms
+
+class Resp:
+    status = "200 OK"
+    sent = 1234
+    headers = [("Content-Type", "text/plain"), ("X-Request-Id", "abc-123")]
+
+class Req:
+    headers = [
+        ("HOST", "example.com"),
+        ("USER-AGENT", "curl/8.5.0"),
+        ("REFERER", 'https://ref.example/a?b="c"'),
+        ("AUTHORIZATION", "Basic YWxpY2U6c2VjcmV0"),
+        ("X-FORWARDED-FOR", "10.0.0.1"),
+        ("X-FORWARDED-FOR", "10.0.0.2"),
+        ("X-LATIN", "caf\u00e9"),
+    ]
+
+environ = {
+    "REQUEST_METHOD": "GET",
+    "RAW_URI": '/shop/items?page=2&q="x"',
+    "PATH_INFO": "/shop/items",
+    "QUERY_STRING": 'page=2&q="x"',
+    "SERVER_PROTOCOL": "HTTP/1.1",
+    "REMOTE_ADDR": "192.0.2.7",
+    "HTTP_USER_AGENT": "curl/8.5.0",
+    "HTTP_REFERER": 'https://ref.example/a?b="c"',
+    "HTTP_AUTHORIZATION": "Basic YWxpY2U6c2VjcmV0",
+    "wsgi.url_scheme": "https",
+}
+logger = Logger(Config())
+atoms = SafeAtoms(logger.atoms(Resp(), Req(), environ,
+                               datetime.timedelta(seconds=2, microseconds=345678)))
+print(json.dumps([fmt % atoms for fmt in json.load(sys.stdin)]))
+"#;
+    let mut child = std::process::Command::new(python)
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the venv's Python");
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(serde_json::to_string(&formats).unwrap().as_bytes())
+            .unwrap();
+    }
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let gunicorn: Vec<String> = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(gunicorn.len(), formats.len());
+
+    let request = request_headers();
+    let response = response_headers();
+    let environ = |name: &str| (name == "wsgi.url_scheme").then(|| "https".to_owned());
+    for (format, expected) in formats.iter().zip(&gunicorn) {
+        let (_dir, log) = access_log(format);
+        let line = log.render(&record(&request, &response, Some(&environ)));
+        assert_eq!(
+            line.strip_suffix('\n').unwrap(),
+            expected,
+            "format {format}"
+        );
+    }
+}
