@@ -36,7 +36,10 @@ pub fn worker_main(py: Python<'_>, leader: &Leader, slot: u32, _age: u64) -> Wor
     let wakeup = match crate::worker::signals::install(py) {
         Ok(fd) => fd,
         Err(e) => {
-            log::error!("worker signal set-up failed:\n{}", crate::python::format_exception(e));
+            log::error!(
+                "worker signal set-up failed:\n{}",
+                crate::python::format_exception(e)
+            );
             return WorkerExit::BootError;
         }
     };
@@ -48,14 +51,26 @@ pub fn worker_main(py: Python<'_>, leader: &Leader, slot: u32, _age: u64) -> Wor
             leader_pid,
         };
         if let Err(e) = crate::profiler::install(py, ctx) {
-            log::error!("profiler set-up failed:\n{}", crate::python::format_exception(e));
+            log::error!(
+                "profiler set-up failed:\n{}",
+                crate::python::format_exception(e)
+            );
         }
     }
 
     let app = match &leader.preloaded {
         Some(app) => app.clone_ref(py),
         None => match crate::python::import_app(py, &leader.spec) {
-            Ok(app) => app,
+            Ok(app) => {
+                // An app imported here may have taken SIGUSR2 at import; it is the doorbell.
+                if let Err(e) = crate::profiler::reclaim_doorbell(py) {
+                    log::error!(
+                        "profiler set-up failed:\n{}",
+                        crate::python::format_exception(e)
+                    );
+                }
+                app
+            }
             Err(e) => {
                 log::error!("Exception in worker process\n{e:#}");
                 return WorkerExit::AppLoadError;
@@ -83,7 +98,13 @@ pub fn worker_main(py: Python<'_>, leader: &Leader, slot: u32, _age: u64) -> Wor
     } else {
         config.timeout
     };
-    let wsgi = match Wsgi::new(py, app, config.multiprocess, config.threads > 1, write_timeout) {
+    let wsgi = match Wsgi::new(
+        py,
+        app,
+        config.multiprocess,
+        config.threads > 1,
+        write_timeout,
+    ) {
         Ok(w) => w,
         Err(e) => {
             log::error!("{}", crate::python::format_exception(e));

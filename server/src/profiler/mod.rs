@@ -165,7 +165,15 @@ pub fn register_module(py: Python<'_>) -> PyResult<()> {
 /// written is only logged (the worker serves anyway; results will fail to be written).
 pub fn install(py: Python<'_>, ctx: ProfilerContext) -> PyResult<()> {
     arm(py, ctx.clone(), ToggleDefaults::from_env())?;
-    if let module::Previous::Handler(previous) = module::install_handler(py)? {
+    let previous = module::install_handler(py)?;
+    // The worker may hold SIGUSR2 blocked while it boots, so that an early ring waits for the
+    // doorbell instead of killing it (SIG_DFL); from here on it is answered.
+    let mut usr2 = nix::sys::signal::SigSet::empty();
+    usr2.add(nix::sys::signal::Signal::SIGUSR2);
+    if let Err(e) = usr2.thread_unblock() {
+        log::warn!("profiler: cannot unblock SIGUSR2: {e}");
+    }
+    if let module::Previous::Handler(previous) = previous {
         log::info!(
             "worker {}: the application's SIGUSR2 handler {previous} is replaced by the profiler \
              doorbell",
@@ -205,6 +213,10 @@ fn arm(py: Python<'_>, ctx: ProfilerContext, defaults: ToggleDefaults) -> PyResu
 /// # Errors
 /// Not on the main thread, or Python refused the handler.
 pub fn reclaim_doorbell(py: Python<'_>) -> PyResult<()> {
+    if worker_slot().is_none() {
+        // Not installed (no runtime directory): nothing to reclaim.
+        return Ok(());
+    }
     if let module::Previous::Handler(previous) = module::install_handler(py)? {
         log::warn!(
             "the application installed {previous} for SIGUSR2; forkscope keeps SIGUSR2 as the \

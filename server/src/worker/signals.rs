@@ -57,7 +57,11 @@ pub fn reset_inherited() {
         // SAFETY: installing SIG_DFL/SIG_IGN runs no code in signal context.
         let _ = unsafe { signal(sig, handler) };
     }
-    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    // SIGUSR2 stays blocked until the profiler installs the doorbell (profiler::install unblocks
+    // it): a ring that arrives while the worker boots waits instead of killing it (SIG_DFL).
+    let mut boot_mask = SigSet::empty();
+    boot_mask.add(Signal::SIGUSR2);
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&boot_mask), None);
     // If the leader dies without stopping us, stop gracefully instead of serving as an orphan.
     // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number and has no memory effects.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) };
@@ -75,19 +79,35 @@ pub fn install(py: Python<'_>) -> PyResult<OwnedFd> {
         signal_mod.call_method1("signal", (signal_mod.getattr(sig)?, f))?;
         Ok(())
     };
-    set("SIGTERM", wrap_pyfunction!(_forkscope_on_term, &module)?.into_any())?;
-    set("SIGINT", wrap_pyfunction!(_forkscope_on_quit, &module)?.into_any())?;
-    set("SIGQUIT", wrap_pyfunction!(_forkscope_on_quit, &module)?.into_any())?;
-    set("SIGUSR1", wrap_pyfunction!(_forkscope_on_usr1, &module)?.into_any())?;
+    set(
+        "SIGTERM",
+        wrap_pyfunction!(_forkscope_on_term, &module)?.into_any(),
+    )?;
+    set(
+        "SIGINT",
+        wrap_pyfunction!(_forkscope_on_quit, &module)?.into_any(),
+    )?;
+    set(
+        "SIGQUIT",
+        wrap_pyfunction!(_forkscope_on_quit, &module)?.into_any(),
+    )?;
+    set(
+        "SIGUSR1",
+        wrap_pyfunction!(_forkscope_on_usr1, &module)?.into_any(),
+    )?;
     set("SIGWINCH", signal_mod.getattr("SIG_IGN")?)?;
     // A TERM must not interrupt a system call the app is in (gunicorn: siginterrupt False).
     signal_mod.call_method1("siginterrupt", (signal_mod.getattr("SIGTERM")?, false))?;
     // Stack traces of every thread before a timeout kill.
-    py.import("faulthandler")?
-        .call_method("enable", (), Some(&[("all_threads", true)].into_py_dict(py)?))?;
+    py.import("faulthandler")?.call_method(
+        "enable",
+        (),
+        Some(&[("all_threads", true)].into_py_dict(py)?),
+    )?;
 
-    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| PyErr::from(std::io::Error::from(e)))?;
+    let (read, write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| PyErr::from(std::io::Error::from(e)))?;
     signal_mod.call_method(
         "set_wakeup_fd",
         (write.as_raw_fd(),),
@@ -107,7 +127,9 @@ pub fn install(py: Python<'_>) -> PyResult<OwnedFd> {
 pub fn warn_about_app_handlers(py: Python<'_>) -> PyResult<()> {
     let signal_mod = py.import("signal")?;
     let default = signal_mod.getattr("SIG_DFL")?;
-    for name in ["SIGTERM", "SIGINT", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGABRT", "SIGWINCH"] {
+    for name in [
+        "SIGTERM", "SIGINT", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGABRT", "SIGWINCH",
+    ] {
         let handler = signal_mod.call_method1("getsignal", (signal_mod.getattr(name)?,))?;
         if handler.is_callable() && !handler.is(&default) {
             log::warn!(
