@@ -18,31 +18,66 @@ const EXPECTED_DIFFERENCES: &[&str] = &[
     "wsgi.early_hints",
 ];
 
-fn environ(addr: std::net::SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> serde_json::Map<String, serde_json::Value> {
+fn environ(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> serde_json::Map<String, serde_json::Value> {
     let r = request(addr, method, path, headers, body);
     assert_eq!(r.status, 200, "{method} {path}");
     let serde_json::Value::Object(map) = serde_json::from_slice(&r.body).expect("json") else {
         panic!("environ is not an object");
     };
-    map.into_iter().filter(|(k, _)| !EXPECTED_DIFFERENCES.contains(&k.as_str())).collect()
+    map.into_iter()
+        .filter(|(k, _)| !EXPECTED_DIFFERENCES.contains(&k.as_str()))
+        .collect()
 }
 
 #[test]
 fn environ_matches_gunicorn_for_the_same_requests() {
     let g = Gunicorn::start("app:app", &[]);
     let f = ServerBuilder::new("app:app").start();
-    let cases: &[(&str, &str, &[(&str, &str)], &[u8])] = &[
+    type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a [u8]);
+    let cases: &[Case<'_>] = &[
         ("GET", "/environ", &[], b""),
-        ("GET", "/environ/a%20b/caf%C3%A9?x=1&y=%2F", &[("Accept", "text/html"), ("X-Multi", "1"), ("X-Multi", "2")], b""),
-        ("POST", "/environ", &[("Content-Type", "application/x-www-form-urlencoded")], b"a=1&b=2"),
-        ("GET", "/environ", &[("X-Forwarded-Proto", "https"), ("Cookie", "a=b; c=d")], b""),
-        ("DELETE", "/environ?q", &[("User-Agent", "differential/1.0")], b""),
+        (
+            "GET",
+            "/environ/a%20b/caf%C3%A9?x=1&y=%2F",
+            &[("Accept", "text/html"), ("X-Multi", "1"), ("X-Multi", "2")],
+            b"",
+        ),
+        (
+            "POST",
+            "/environ",
+            &[("Content-Type", "application/x-www-form-urlencoded")],
+            b"a=1&b=2",
+        ),
+        (
+            "GET",
+            "/environ",
+            &[("X-Forwarded-Proto", "https"), ("Cookie", "a=b; c=d")],
+            b"",
+        ),
+        (
+            "DELETE",
+            "/environ?q",
+            &[("User-Agent", "differential/1.0")],
+            b"",
+        ),
     ];
     for (method, path, headers, body) in cases {
         let ours = environ(f.addr, method, path, headers, body);
         let theirs = environ(g.addr, method, path, headers, body);
-        let keys = |m: &serde_json::Map<String, serde_json::Value>| m.keys().cloned().collect::<std::collections::BTreeSet<_>>();
-        assert_eq!(keys(&ours), keys(&theirs), "environ keys for {method} {path}");
+        let keys = |m: &serde_json::Map<String, serde_json::Value>| {
+            m.keys().cloned().collect::<std::collections::BTreeSet<_>>()
+        };
+        assert_eq!(
+            keys(&ours),
+            keys(&theirs),
+            "environ keys for {method} {path}"
+        );
         for (k, v) in &theirs {
             assert_eq!(ours.get(k), Some(v), "{k} for {method} {path}");
         }

@@ -10,7 +10,13 @@ fn flask_app_serves_routes_and_json() {
     let r = request(s.addr, "GET", "/items/42?q=x", &[], b"");
     let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
     assert_eq!(v, serde_json::json!({"id": 42, "q": "x"}));
-    let r = request(s.addr, "POST", "/json", &[("Content-Type", "application/json")], br#"{"a": [1, 2]}"#);
+    let r = request(
+        s.addr,
+        "POST",
+        "/json",
+        &[("Content-Type", "application/json")],
+        br#"{"a": [1, 2]}"#,
+    );
     let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
     assert_eq!(v["received"], serde_json::json!({"a": [1, 2]}));
     assert_eq!(request(s.addr, "GET", "/missing", &[], b"").status, 404);
@@ -18,10 +24,18 @@ fn flask_app_serves_routes_and_json() {
 
 #[test]
 fn django_app_serves_with_preload() {
-    let s = ServerBuilder::new("djangoproj.wsgi:application").args(&["--preload"]).start();
+    let s = ServerBuilder::new("djangoproj.wsgi:application")
+        .args(&["--preload"])
+        .start();
     let r = request(s.addr, "GET", "/", &[], b"");
     assert_eq!((r.status, r.text().as_str()), (200, "Hello from Django"));
-    let r = request(s.addr, "POST", "/echo", &[("Content-Type", "text/plain")], b"payload");
+    let r = request(
+        s.addr,
+        "POST",
+        "/echo",
+        &[("Content-Type", "text/plain")],
+        b"payload",
+    );
     let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
     assert_eq!(v["body"], "payload");
     assert_eq!(v["method"], "POST");

@@ -16,7 +16,8 @@ fn status_of(raw: &[u8]) -> u16 {
 fn keep_alive_and_pipelined_requests_are_answered_in_order() {
     let s = ServerBuilder::new("app:app").start();
     let mut c = TcpStream::connect(s.addr).expect("connect");
-    c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    c.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
     // Three pipelined requests in one write, the last one closing the connection.
     c.write_all(
         b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n\
@@ -49,9 +50,11 @@ fn http_1_0_closes_unless_keep_alive_is_asked() {
     assert_eq!(r.text(), "chunk0\nchunk1\n");
     // Keep-alive on request: two requests on one connection.
     let mut c = TcpStream::connect(s.addr).expect("connect");
-    c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    c.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
     for _ in 0..2 {
-        c.write_all(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").expect("write");
+        c.write_all(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .expect("write");
         let mut buf = vec![0u8; 4096];
         let n = c.read(&mut buf).expect("read");
         let (r, _) = parse_one(&buf[..n], false).expect("response");
@@ -64,12 +67,17 @@ fn http_1_0_closes_unless_keep_alive_is_asked() {
 fn expect_100_continue_gets_an_interim_response() {
     let s = ServerBuilder::new("app:app").start();
     let mut c = TcpStream::connect(s.addr).expect("connect");
-    c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    c.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
     c.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
         .expect("write head");
     let mut buf = [0u8; 64];
     let n = c.read(&mut buf).expect("read interim");
-    assert!(buf[..n].starts_with(b"HTTP/1.1 100 Continue\r\n\r\n"), "{:?}", String::from_utf8_lossy(&buf[..n]));
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 100 Continue\r\n\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
     c.write_all(b"ping").expect("write body");
     let mut out = buf[..n].to_vec();
     c.read_to_end(&mut out).expect("read");
@@ -100,24 +108,47 @@ fn malformed_and_smuggling_requests_get_4xx_and_the_worker_lives() {
     ];
     for (raw, status) in cases {
         let out = send_raw(s.addr, raw);
-        assert_eq!(status_of(&out), *status, "{:?} -> {:?}", String::from_utf8_lossy(raw), String::from_utf8_lossy(&out));
+        assert_eq!(
+            status_of(&out),
+            *status,
+            "{:?} -> {:?}",
+            String::from_utf8_lossy(raw),
+            String::from_utf8_lossy(&out)
+        );
         let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
-        assert!(text.contains("connection: close"), "error responses close the connection");
+        assert!(
+            text.contains("connection: close"),
+            "error responses close the connection"
+        );
     }
-    assert_eq!(request(s.addr, "GET", "/pid", &[], b"").text(), pid, "the worker survived");
+    assert_eq!(
+        request(s.addr, "GET", "/pid", &[], b"").text(),
+        pid,
+        "the worker survived"
+    );
 }
 
 #[test]
 fn limits_give_414_and_431() {
     let s = ServerBuilder::new("app:app")
-        .args(&["--limit-request-line", "100", "--limit-request-fields", "5", "--limit-request-field_size", "200"])
+        .args(&[
+            "--limit-request-line",
+            "100",
+            "--limit-request-fields",
+            "5",
+            "--limit-request-field_size",
+            "200",
+        ])
         .start();
     let long_line = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(200));
     assert_eq!(status_of(&send_raw(s.addr, long_line.as_bytes())), 414);
     let many: String = (0..10).map(|i| format!("X-H{i}: v\r\n")).collect();
     let many = format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n");
     assert_eq!(status_of(&send_raw(s.addr, many.as_bytes())), 431);
-    let big = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "v".repeat(500));
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "v".repeat(500)
+    );
     assert_eq!(status_of(&send_raw(s.addr, big.as_bytes())), 431);
     assert_eq!(request(s.addr, "GET", "/", &[], b"").status, 200);
 }
@@ -126,7 +157,8 @@ fn limits_give_414_and_431() {
 fn a_trickling_client_does_not_block_others() {
     let s = ServerBuilder::new("app:app").start();
     let mut slow = TcpStream::connect(s.addr).expect("connect");
-    slow.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab").expect("write");
+    slow.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab")
+        .expect("write");
     let mut idle = Vec::new();
     for _ in 0..50 {
         idle.push(TcpStream::connect(s.addr).expect("idle connection"));
@@ -136,7 +168,8 @@ fn a_trickling_client_does_not_block_others() {
         assert_eq!(request(s.addr, "GET", "/", &[], b"").status, 200);
     }
     slow.write_all(b"cdefghij").expect("finish upload");
-    slow.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
     let mut buf = vec![0u8; 4096];
     let n = slow.read(&mut buf).expect("read");
     let (r, _) = parse_one(&buf[..n], false).expect("response");
@@ -149,10 +182,12 @@ fn a_client_that_vanishes_mid_request_costs_nothing() {
     let pid = request(s.addr, "GET", "/pid", &[], b"").text();
     for _ in 0..20 {
         let mut c = TcpStream::connect(s.addr).expect("connect");
-        c.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\npartial").expect("write");
+        c.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\npartial")
+            .expect("write");
         drop(c);
         let mut c = TcpStream::connect(s.addr).expect("connect");
-        c.write_all(b"GET /large?n=4000000 HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+        c.write_all(b"GET /large?n=4000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("write");
         drop(c);
     }
     assert_eq!(request(s.addr, "GET", "/pid", &[], b"").text(), pid);

@@ -13,14 +13,21 @@ fn titles_and_slots_follow_the_design() {
     let title = procs::title(s.pid()).expect("leader title");
     assert_eq!(title, "forkscope-server: leader [app:app]");
     let workers = s.workers();
-    assert_eq!(workers.iter().map(|(slot, _)| *slot).collect::<Vec<_>>(), vec![0, 1, 2]);
+    assert_eq!(
+        workers.iter().map(|(slot, _)| *slot).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
     for (slot, pid) in &workers {
-        assert_eq!(procs::title(*pid).expect("title"), format!("forkscope-server: worker {slot} [app:app]"));
+        assert_eq!(
+            procs::title(*pid).expect("title"),
+            format!("forkscope-server: worker {slot} [app:app]")
+        );
     }
     // The runtime directory announces every process.
     for (_, pid) in &workers {
         let info: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(s.runtime.join(pid.to_string()).join("process.json")).expect("process.json"),
+            &std::fs::read(s.runtime.join(pid.to_string()).join("process.json"))
+                .expect("process.json"),
         )
         .expect("json");
         assert_eq!(info["role"], "worker");
@@ -40,7 +47,10 @@ fn a_killed_worker_is_replaced_in_the_same_slot() {
     });
     assert_eq!(after[0], before[0], "the other worker is untouched");
     assert_eq!(after[1].0, slot, "the replacement takes slot {slot}");
-    s.wait_log(&format!("Worker (pid:{victim}) was sent SIGKILL"), Duration::from_secs(10));
+    s.wait_log(
+        &format!("Worker (pid:{victim}) was sent SIGKILL"),
+        Duration::from_secs(10),
+    );
     assert_eq!(request(s.addr, "GET", "/", &[], b"").status, 200);
 }
 
@@ -54,7 +64,11 @@ fn preload_imports_once_in_the_leader_and_gc_freezes() {
         .env("FORKSCOPE_TEST_IMPORTS", imports.to_str().expect("utf-8"))
         .start();
     let lines = std::fs::read_to_string(&imports).expect("imports file");
-    assert_eq!(lines.lines().collect::<Vec<_>>(), vec![s.pid().to_string()], "imported once, by the leader");
+    assert_eq!(
+        lines.lines().collect::<Vec<_>>(),
+        vec![s.pid().to_string()],
+        "imported once, by the leader"
+    );
     drop(s);
     std::fs::remove_file(&imports).expect("reset");
     let s = ServerBuilder::new("counted:app")
@@ -62,10 +76,14 @@ fn preload_imports_once_in_the_leader_and_gc_freezes() {
         .env("FORKSCOPE_TEST_IMPORTS", imports.to_str().expect("utf-8"))
         .start();
     // Workers announce themselves before importing: wait for both imports.
-    let text = wait_for("both workers to import the app", Duration::from_secs(30), || {
-        let text = std::fs::read_to_string(&imports).ok()?;
-        (text.lines().count() >= 2).then_some(text)
-    });
+    let text = wait_for(
+        "both workers to import the app",
+        Duration::from_secs(30),
+        || {
+            let text = std::fs::read_to_string(&imports).ok()?;
+            (text.lines().count() >= 2).then_some(text)
+        },
+    );
     let mut pids: Vec<i32> = text.lines().map(|l| l.parse().expect("pid")).collect();
     pids.sort_unstable();
     let mut workers: Vec<i32> = s.workers().into_iter().map(|(_, p)| p).collect();
@@ -75,7 +93,9 @@ fn preload_imports_once_in_the_leader_and_gc_freezes() {
 
 #[test]
 fn threads_run_requests_concurrently_in_one_worker() {
-    let s = ServerBuilder::new("app:app").args(&["--threads", "2"]).start();
+    let s = ServerBuilder::new("app:app")
+        .args(&["--threads", "2"])
+        .start();
     let addr = s.addr;
     let handles: Vec<_> = (0..2)
         .map(|_| std::thread::spawn(move || request(addr, "GET", "/barrier?n=2&t=20", &[], b"")))
@@ -84,7 +104,8 @@ fn threads_run_requests_concurrently_in_one_worker() {
         let r = h.join().expect("thread");
         assert_eq!(r.text(), "met", "both requests were in the app at once");
     }
-    let env: serde_json::Value = serde_json::from_slice(&request(addr, "GET", "/environ", &[], b"").body).expect("json");
+    let env: serde_json::Value =
+        serde_json::from_slice(&request(addr, "GET", "/environ", &[], b"").body).expect("json");
     assert_eq!(env["wsgi.multithread"], true);
 }
 
@@ -95,22 +116,35 @@ fn term_stops_everything_cleanly() {
     s.signal(Signal::SIGTERM);
     assert_eq!(s.wait_exit(Duration::from_secs(40)), Some(0));
     for w in workers {
-        wait_for("workers to exit", Duration::from_secs(10), || (!procs::alive(w)).then_some(()));
+        wait_for("workers to exit", Duration::from_secs(10), || {
+            (!procs::alive(w)).then_some(())
+        });
     }
 }
 
 #[test]
 fn an_app_that_cannot_import_stops_the_leader_with_its_traceback() {
     // Under --preload the leader itself fails.
-    let mut s = ServerBuilder::new("broken:app").args(&["--preload"]).no_wait().start();
+    let mut s = ServerBuilder::new("broken:app")
+        .args(&["--preload"])
+        .no_wait()
+        .start();
     let code = s.wait_exit(Duration::from_secs(30));
     assert_ne!(code, Some(0));
-    assert!(s.log_text().contains("ImportError: this module is broken on purpose"), "{}", s.log_text());
+    assert!(
+        s.log_text()
+            .contains("ImportError: this module is broken on purpose"),
+        "{}",
+        s.log_text()
+    );
     // Without preload the workers fail at boot; the leader backs off, then gives up.
     let mut s = ServerBuilder::new("broken:app").no_wait().start();
     let code = s.wait_exit(Duration::from_secs(60));
     assert_eq!(code, Some(4));
     let log = s.log_text();
-    assert!(log.contains("ImportError: this module is broken on purpose"), "{log}");
+    assert!(
+        log.contains("ImportError: this module is broken on purpose"),
+        "{log}"
+    );
     assert!(log.contains("failed to boot"), "{log}");
 }

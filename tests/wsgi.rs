@@ -17,7 +17,12 @@ fn hello_and_environ_match_pep_3333_and_gunicorn() {
         s.addr,
         "GET",
         "/environ?a=1&b=%20x",
-        &[("X-Custom", "one"), ("X-Custom", "two"), ("Content-Type", "text/x"), ("Bad_Header", "dropped")],
+        &[
+            ("X-Custom", "one"),
+            ("X-Custom", "two"),
+            ("Content-Type", "text/x"),
+            ("Bad_Header", "dropped"),
+        ],
         b"",
     );
     let env: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
@@ -29,11 +34,20 @@ fn hello_and_environ_match_pep_3333_and_gunicorn() {
     assert_eq!(env["SERVER_NAME"], "127.0.0.1");
     assert_eq!(env["SERVER_PORT"], s.addr.port().to_string());
     assert_eq!(env["REMOTE_ADDR"], "127.0.0.1");
-    assert!(env["REMOTE_PORT"].as_str().expect("port").parse::<u16>().is_ok());
+    assert!(
+        env["REMOTE_PORT"]
+            .as_str()
+            .expect("port")
+            .parse::<u16>()
+            .is_ok()
+    );
     assert_eq!(env["HTTP_X_CUSTOM"], "one,two");
     assert_eq!(env["CONTENT_TYPE"], "text/x");
     assert!(env.get("HTTP_CONTENT_TYPE").is_none());
-    assert!(env.get("HTTP_BAD_HEADER").is_none(), "headers with underscores are dropped");
+    assert!(
+        env.get("HTTP_BAD_HEADER").is_none(),
+        "headers with underscores are dropped"
+    );
     assert_eq!(env["SCRIPT_NAME"], "");
     assert_eq!(env["wsgi.url_scheme"], "http");
     assert_eq!(env["wsgi.version"], serde_json::json!([1, 0]));
@@ -56,13 +70,21 @@ fn percent_encoded_paths_are_decoded_as_latin1() {
 fn forwarded_proto_is_honoured_only_from_allowed_ips() {
     let s = ServerBuilder::new("app:app").start();
     let env = |s: &forkscope_tests::Server| -> serde_json::Value {
-        let r = request(s.addr, "GET", "/environ", &[("X-Forwarded-Proto", "https")], b"");
+        let r = request(
+            s.addr,
+            "GET",
+            "/environ",
+            &[("X-Forwarded-Proto", "https")],
+            b"",
+        );
         serde_json::from_slice(&r.body).expect("json")
     };
     // 127.0.0.1 is in the default --forwarded-allow-ips.
     assert_eq!(env(&s)["wsgi.url_scheme"], "https");
     drop(s);
-    let s = ServerBuilder::new("app:app").args(&["--forwarded-allow-ips", "10.1.2.3"]).start();
+    let s = ServerBuilder::new("app:app")
+        .args(&["--forwarded-allow-ips", "10.1.2.3"])
+        .start();
     assert_eq!(env(&s)["wsgi.url_scheme"], "http");
 }
 
@@ -86,7 +108,11 @@ fn chunked_request_bodies_are_decoded() {
     let (r, _) = parse_one(&out, false).expect("response");
     assert_eq!(r.status, 200);
     assert_eq!(r.text(), "hello world");
-    assert_eq!(r.header("x-content-length"), Some("None"), "no CONTENT_LENGTH for chunked bodies");
+    assert_eq!(
+        r.header("x-content-length"),
+        Some("None"),
+        "no CONTENT_LENGTH for chunked bodies"
+    );
 }
 
 #[test]
@@ -108,7 +134,10 @@ fn uploads_larger_than_memory_buffers_arrive_whole() {
         })
         .expect("sha256sum");
     let expected = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(v["sha256"], expected.split_whitespace().next().expect("digest"));
+    assert_eq!(
+        v["sha256"],
+        expected.split_whitespace().next().expect("digest")
+    );
 }
 
 #[test]
@@ -122,9 +151,18 @@ fn streaming_write_and_close_follow_pep_3333() {
     assert_eq!(r.text(), "written and returned");
 
     let marker = s.dir().join("closed");
-    let r = request(s.addr, "GET", &format!("/close?marker={}", marker.display()), &[], b"");
+    let r = request(
+        s.addr,
+        "GET",
+        &format!("/close?marker={}", marker.display()),
+        &[],
+        b"",
+    );
     assert_eq!(r.text(), "body");
-    assert_eq!(std::fs::read_to_string(&marker).expect("close() was called"), "closed");
+    assert_eq!(
+        std::fs::read_to_string(&marker).expect("close() was called"),
+        "closed"
+    );
 
     let r = request(s.addr, "GET", "/file", &[], b"");
     let source = std::fs::read(forkscope_tests::apps_dir().join("app.py")).expect("read app.py");
@@ -142,13 +180,19 @@ fn app_errors_give_500_and_a_traceback_and_the_worker_lives() {
         let r = request(s.addr, "GET", path, &[], b"");
         assert_eq!(r.status, 500, "{path}");
     }
-    s.wait_log("RuntimeError: boom from the test app", Duration::from_secs(10));
+    s.wait_log(
+        "RuntimeError: boom from the test app",
+        Duration::from_secs(10),
+    );
     s.wait_log("Traceback (most recent call last)", Duration::from_secs(10));
     // An error after the head was sent cuts the response short instead.
     let out = send_raw(s.addr, b"GET /error-after-head HTTP/1.1\r\nHost: x\r\n\r\n");
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    assert!(!text.ends_with("0\r\n\r\n"), "an incomplete chunked body must not look complete");
+    assert!(
+        !text.ends_with("0\r\n\r\n"),
+        "an incomplete chunked body must not look complete"
+    );
     let pid_after = request(s.addr, "GET", "/pid", &[], b"").text();
     assert_eq!(pid_before, pid_after, "the same worker keeps serving");
 }
@@ -181,6 +225,9 @@ fn the_stdlib_validator_finds_nothing_to_complain_about() {
         assert_eq!(r.status, 200, "{method} {path}: {}", s.log_text());
     }
     let log = s.log_text();
-    assert!(!log.contains("AssertionError"), "the validator complained:\n{log}");
+    assert!(
+        !log.contains("AssertionError"),
+        "the validator complained:\n{log}"
+    );
     assert!(!log.contains("WSGIWarning"), "the validator warned:\n{log}");
 }

@@ -16,6 +16,7 @@
 //! - [`proctitle`]: the process titles `ps` shows (`forkscope-server: worker N [APP]`).
 
 pub mod config_file;
+pub mod heartbeat;
 pub mod http;
 pub mod leader;
 pub mod listeners;
@@ -27,7 +28,6 @@ pub mod runtime_dir;
 pub mod settings;
 pub mod worker;
 pub mod wsgi;
-pub mod heartbeat;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -88,7 +88,10 @@ fn prepare_python(settings: &settings::Settings) -> anyhow::Result<()> {
     }
     python::set_environ(&settings.raw_env_pairs())?;
     let argv = std::env::args().collect();
-    python::initialize(&python::PathSetup::from_env(argv, settings.pythonpath.as_deref()))
+    python::initialize(&python::PathSetup::from_env(
+        argv,
+        settings.pythonpath.as_deref(),
+    ))
 }
 
 /// `--check-config`: the app must import; nothing is bound or forked.

@@ -138,7 +138,9 @@ pub fn bind_all(binds: &[String], backlog: i32) -> anyhow::Result<Vec<Listener>>
     }
     binds
         .iter()
-        .map(|b| bind_one(&BindAddr::parse(b)?, backlog).with_context(|| format!("cannot bind {b}")))
+        .map(|b| {
+            bind_one(&BindAddr::parse(b)?, backlog).with_context(|| format!("cannot bind {b}"))
+        })
         .collect()
 }
 
@@ -149,7 +151,11 @@ fn bind_one(addr: &BindAddr, backlog: i32) -> anyhow::Result<Listener> {
                 .to_socket_addrs()?
                 .next()
                 .with_context(|| format!("{host} resolves to no address"))?;
-            let socket = Socket::new(Domain::for_address(sockaddr), Type::STREAM, Some(Protocol::TCP))?;
+            let socket = Socket::new(
+                Domain::for_address(sockaddr),
+                Type::STREAM,
+                Some(Protocol::TCP),
+            )?;
             socket.set_reuse_address(true)?;
             if sockaddr.is_ipv6() {
                 socket.set_only_v6(host != "::")?;
@@ -184,10 +190,7 @@ fn adopt_fd(fd: RawFd) -> anyhow::Result<Listener> {
         .local_addr()
         .with_context(|| format!("fd {fd} is not a socket"))?;
     if local.is_unix() {
-        let path = local
-            .as_pathname()
-            .map(PathBuf::from)
-            .unwrap_or_default();
+        let path = local.as_pathname().map(PathBuf::from).unwrap_or_default();
         Ok(Listener::Unix(socket.into(), path))
     } else {
         Ok(Listener::Tcp(socket.into()))

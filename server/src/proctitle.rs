@@ -106,8 +106,14 @@ mod tests {
 
     #[test]
     fn titles_follow_the_design() {
-        assert_eq!(leader_title("app:app"), "forkscope-server: leader [app:app]");
-        assert_eq!(worker_title(3, "app:app"), "forkscope-server: worker 3 [app:app]");
+        assert_eq!(
+            leader_title("app:app"),
+            "forkscope-server: leader [app:app]"
+        );
+        assert_eq!(
+            worker_title(3, "app:app"),
+            "forkscope-server: worker 3 [app:app]"
+        );
     }
 
     #[test]

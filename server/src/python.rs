@@ -194,7 +194,12 @@ pub fn import_app(py: Python<'_>, spec: &AppSpec) -> anyhow::Result<Py<PyAny>> {
             .expect("the loader defines _forkscope_load");
         Ok(load.call1((&spec.module, &spec.expr))?.unbind())
     };
-    load().map_err(|e| anyhow::anyhow!("failed to load the application {spec}:\n{}", format_exception(e)))
+    load().map_err(|e| {
+        anyhow::anyhow!(
+            "failed to load the application {spec}:\n{}",
+            format_exception(e)
+        )
+    })
 }
 
 /// `gc.freeze()`: moves every object the leader created into the permanent generation, so a
@@ -276,13 +281,35 @@ pub fn format_exception(err: PyErr) -> String {
                 "format_exception",
                 (err.get_type(py), err.value(py), err.traceback(py)),
             )?;
-            let joined: String = "".into_pyobject(py)?.call_method1("join", (lines,))?.extract()?;
+            let joined: String = ""
+                .into_pyobject(py)?
+                .call_method1("join", (lines,))?
+                .extract()?;
             Ok(joined)
         })();
         formatted
             .map(|s| s.trim_end().to_owned())
             .unwrap_or_else(|_| err.to_string())
     })
+}
+
+/// Sets `-e KEY=VALUE` variables in `os.environ` (which also updates the C environment), as
+/// gunicorn does.
+///
+/// # Errors
+/// Only if `os.environ` is unusable.
+pub fn set_environ(pairs: &[(&str, &str)]) -> anyhow::Result<()> {
+    if pairs.is_empty() {
+        return Ok(());
+    }
+    Python::attach(|py| -> PyResult<()> {
+        let environ = py.import("os")?.getattr("environ")?;
+        for (k, v) in pairs {
+            environ.set_item(*k, *v)?;
+        }
+        Ok(())
+    })
+    .map_err(|e| anyhow::anyhow!(format_exception(e)))
 }
 
 #[cfg(test)]
@@ -315,37 +342,27 @@ mod tests {
             )
             .expect("module");
             modules.set_item("fs_factory_mod", m).expect("register");
-            let app = import_app(py, &AppSpec::parse("fs_factory_mod:make('a', y=2)").expect("spec"))
-                .expect("factory");
+            let app = import_app(
+                py,
+                &AppSpec::parse("fs_factory_mod:make('a', y=2)").expect("spec"),
+            )
+            .expect("factory");
             assert!(app.bind(py).is_callable());
-            let err = import_app(py, &AppSpec::parse("fs_factory_mod:make(open('x'))").expect("spec"))
-                .expect_err("non-literal");
+            let err = import_app(
+                py,
+                &AppSpec::parse("fs_factory_mod:make(open('x'))").expect("spec"),
+            )
+            .expect_err("non-literal");
             assert!(err.to_string().contains("must be literals"), "{err}");
             let err = import_app(py, &AppSpec::parse("fs_factory_mod:app").expect("spec"))
                 .expect_err("not callable");
             assert!(err.to_string().contains("not callable"), "{err}");
             let err = import_app(py, &AppSpec::parse("fs_factory_mod:nope").expect("spec"))
                 .expect_err("missing");
-            assert!(err.to_string().contains("failed to find attribute"), "{err}");
+            assert!(
+                err.to_string().contains("failed to find attribute"),
+                "{err}"
+            );
         });
     }
-}
-
-/// Sets `-e KEY=VALUE` variables in `os.environ` (which also updates the C environment), as
-/// gunicorn does.
-///
-/// # Errors
-/// Only if `os.environ` is unusable.
-pub fn set_environ(pairs: &[(&str, &str)]) -> anyhow::Result<()> {
-    if pairs.is_empty() {
-        return Ok(());
-    }
-    Python::attach(|py| -> PyResult<()> {
-        let environ = py.import("os")?.getattr("environ")?;
-        for (k, v) in pairs {
-            environ.set_item(*k, *v)?;
-        }
-        Ok(())
-    })
-    .map_err(|e| anyhow::anyhow!(format_exception(e)))
 }

@@ -89,11 +89,9 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let runtime = RuntimeDir::new(tmp.path());
         let dir = announce(&runtime, Role::Worker, Some(2), 1, "app:app").expect("announce");
-        let info: ProcessInfo = forkscope_protocol::read_json_limited(
-            &runtime.process_info(std::process::id()),
-            4096,
-        )
-        .expect("read back");
+        let info: ProcessInfo =
+            forkscope_protocol::read_json_limited(&runtime.process_info(std::process::id()), 4096)
+                .expect("read back");
         assert_eq!(info.slot, Some(2));
         assert_eq!(info.role, Role::Worker);
         assert!(dir.join("results").is_dir());

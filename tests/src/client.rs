@@ -37,7 +37,8 @@ impl Response {
 /// When the connection cannot be made.
 pub fn send_raw(addr: SocketAddr, raw: &[u8]) -> Vec<u8> {
     let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
     let _ = s.write_all(raw);
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
@@ -75,33 +76,61 @@ pub fn parse_one(bytes: &[u8], is_head: bool) -> Option<(Response, usize)> {
     let headers: Vec<(String, String)> = resp
         .headers
         .iter()
-        .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned()))
+        .map(|h| {
+            (
+                h.name.to_ascii_lowercase(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
         .collect();
     let find = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
     let rest = &bytes[head_len..];
     if is_head || status == 204 || status == 304 || (100..200).contains(&status) {
-        return Some((Response { status, headers, body: Vec::new() }, head_len));
+        return Some((
+            Response {
+                status,
+                headers,
+                body: Vec::new(),
+            },
+            head_len,
+        ));
     }
     if let Some(len) = find("content-length") {
         let len: usize = len.trim().parse().ok()?;
         if rest.len() < len {
             return None;
         }
-        return Some((Response { status, headers, body: rest[..len].to_vec() }, head_len + len));
+        return Some((
+            Response {
+                status,
+                headers,
+                body: rest[..len].to_vec(),
+            },
+            head_len + len,
+        ));
     }
     if find("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
         let mut body = Vec::new();
         let mut pos = 0;
         loop {
             let line_end = rest[pos..].windows(2).position(|w| w == b"\r\n")? + pos;
-            let size = usize::from_str_radix(std::str::from_utf8(&rest[pos..line_end]).ok()?.trim(), 16).ok()?;
+            let size =
+                usize::from_str_radix(std::str::from_utf8(&rest[pos..line_end]).ok()?.trim(), 16)
+                    .ok()?;
             pos = line_end + 2;
             if size == 0 {
                 // No trailers in our responses: the final CRLF follows.
                 if rest.len() < pos + 2 {
                     return None;
                 }
-                return Some((Response { status, headers, body }, head_len + pos + 2));
+                return Some((
+                    Response {
+                        status,
+                        headers,
+                        body,
+                    },
+                    head_len + pos + 2,
+                ));
             }
             if rest.len() < pos + size + 2 {
                 return None;
@@ -111,14 +140,27 @@ pub fn parse_one(bytes: &[u8], is_head: bool) -> Option<(Response, usize)> {
         }
     }
     // Delimited by close.
-    Some((Response { status, headers, body: rest.to_vec() }, bytes.len()))
+    Some((
+        Response {
+            status,
+            headers,
+            body: rest.to_vec(),
+        },
+        bytes.len(),
+    ))
 }
 
 /// Sends one request with `Connection: close` and parses the response.
 ///
 /// # Panics
 /// When the response cannot be parsed.
-pub fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Response {
     let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (k, v) in headers {
         raw.push_str(&format!("{k}: {v}\r\n"));
@@ -132,5 +174,10 @@ pub fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &st
     let out = send_raw(addr, &bytes);
     parse_one(&out, method == "HEAD")
         .map(|(r, _)| r)
-        .unwrap_or_else(|| panic!("unparsable response to {method} {path}: {:?}", String::from_utf8_lossy(&out)))
+        .unwrap_or_else(|| {
+            panic!(
+                "unparsable response to {method} {path}: {:?}",
+                String::from_utf8_lossy(&out)
+            )
+        })
 }

@@ -50,7 +50,12 @@ impl Gunicorn {
             let text = std::fs::read_to_string(&log).ok()?;
             (text.contains("Booting worker") && TcpStream::connect(addr).is_ok()).then_some(())
         });
-        Self { child, addr, _dir: dir, log }
+        Self {
+            child,
+            addr,
+            _dir: dir,
+            log,
+        }
     }
 
     /// The error log so far.

@@ -54,7 +54,11 @@ pub fn venv() -> PathBuf {
     let out = std::process::Command::new(repo_root().join("scripts/python-env"))
         .output()
         .expect("run scripts/python-env");
-    assert!(out.status.success(), "scripts/python-env failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "scripts/python-env failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 

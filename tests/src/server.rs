@@ -107,19 +107,25 @@ impl ServerBuilder {
         if !self.wait_workers {
             return server;
         }
-        server.addr = wait_for("the Listening line in the error log", Duration::from_secs(60), || {
-            server.assert_running();
-            let text = std::fs::read_to_string(&server.log).ok()?;
-            let line = text.lines().find(|l| l.contains("Listening at: http://"))?;
-            let rest = line.split("Listening at: http://").nth(1)?;
-            rest.split_whitespace().next()?.parse::<SocketAddr>().ok()
-        });
+        server.addr = wait_for(
+            "the Listening line in the error log",
+            Duration::from_secs(60),
+            || {
+                server.assert_running();
+                let text = std::fs::read_to_string(&server.log).ok()?;
+                let line = text.lines().find(|l| l.contains("Listening at: http://"))?;
+                let rest = line.split("Listening at: http://").nth(1)?;
+                rest.split_whitespace().next()?.parse::<SocketAddr>().ok()
+            },
+        );
         let n = self.workers as usize;
         wait_for("every worker to boot", Duration::from_secs(60), || {
             server.assert_running();
             (procs::workers(server.pid()).len() >= n).then_some(())
         });
-        wait_for("a connection", Duration::from_secs(30), || TcpStream::connect(server.addr).ok());
+        wait_for("a connection", Duration::from_secs(30), || {
+            TcpStream::connect(server.addr).ok()
+        });
         server
     }
 }
@@ -174,14 +180,19 @@ impl Server {
         if let Some(child) = self.child.as_mut()
             && let Ok(Some(status)) = child.try_wait()
         {
-            panic!("forkscope-server exited with {status}; log:\n{}", self.log_text());
+            panic!(
+                "forkscope-server exited with {status}; log:\n{}",
+                self.log_text()
+            );
         }
     }
 
     /// Waits for the leader to exit and returns its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let child = self.child.as_mut().expect("running");
-        let status = wait_for("the leader to exit", timeout, || child.try_wait().ok().flatten());
+        let status = wait_for("the leader to exit", timeout, || {
+            child.try_wait().ok().flatten()
+        });
         self.child = None;
         status.code()
     }
@@ -189,9 +200,14 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
         let pid = Pid::from_raw(child.id() as i32);
-        let workers: Vec<i32> = procs::workers(pid.as_raw()).into_iter().map(|(_, p)| p).collect();
+        let workers: Vec<i32> = procs::workers(pid.as_raw())
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect();
         let _ = kill(pid, Signal::SIGTERM);
         for _ in 0..500 {
             if let Ok(Some(_)) = child.try_wait() {

@@ -164,7 +164,8 @@ impl<'a> EventLoop<'a> {
                     Accepting::Unix(MioUnixListener::from_std(u))
                 }
             };
-            poll.registry().register(a.source(), Token(i), Interest::READABLE)?;
+            poll.registry()
+                .register(a.source(), Token(i), Interest::READABLE)?;
             accepting.push(a);
         }
         poll.registry().register(
@@ -203,7 +204,11 @@ impl<'a> EventLoop<'a> {
             if self.stopping && self.drained() {
                 return Ok(WorkerExit::Normal);
             }
-            let wait = if self.stopping { Duration::from_millis(100) } else { Duration::from_secs(1) };
+            let wait = if self.stopping {
+                Duration::from_millis(100)
+            } else {
+                Duration::from_secs(1)
+            };
             match self.poll.poll(&mut events, Some(wait)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -256,18 +261,24 @@ impl<'a> EventLoop<'a> {
     fn on_signals(&mut self) -> bool {
         let mut buf = [0u8; 64];
         while matches!(nix::unistd::read(&self.wakeup, &mut buf), Ok(n) if n > 0) {}
-        let result = Python::attach(|py| py.check_signals().map_err(|e| (e.is_instance_of::<pyo3::exceptions::PySystemExit>(py), e)));
+        let result = Python::attach(|py| {
+            py.check_signals()
+                .map_err(|e| (e.is_instance_of::<pyo3::exceptions::PySystemExit>(py), e))
+        });
         if let Err((is_exit, err)) = result {
             if is_exit {
                 log::info!("Worker exiting (pid: {})", std::process::id());
                 return true;
             }
-            log::error!("signal handler failed:\n{}", crate::python::format_exception(err));
+            log::error!(
+                "signal handler failed:\n{}",
+                crate::python::format_exception(err)
+            );
         }
-        if signals::REOPEN_LOGS.swap(false, Ordering::SeqCst) {
-            if let Err(e) = crate::logging::reopen() {
-                    log::error!("cannot reopen log files: {e}");
-                }
+        if signals::REOPEN_LOGS.swap(false, Ordering::SeqCst)
+            && let Err(e) = crate::logging::reopen()
+        {
+            log::error!("cannot reopen log files: {e}");
         }
         false
     }

@@ -47,16 +47,14 @@ impl TrustedProxies {
                 Some((a, b)) => (a, Some(b)),
                 None => (entry, None),
             };
-            let ip: IpAddr = addr
-                .parse()
-                .map_err(|_| anyhow::anyhow!("--forwarded-allow-ips: {entry:?} is not an address"))?;
+            let ip: IpAddr = addr.parse().map_err(|_| {
+                anyhow::anyhow!("--forwarded-allow-ips: {entry:?} is not an address")
+            })?;
             let max = if ip.is_ipv4() { 32 } else { 128 };
             let bits = match bits {
-                Some(b) => b
-                    .parse::<u8>()
-                    .ok()
-                    .filter(|b| *b <= max)
-                    .ok_or_else(|| anyhow::anyhow!("--forwarded-allow-ips: bad prefix in {entry:?}"))?,
+                Some(b) => b.parse::<u8>().ok().filter(|b| *b <= max).ok_or_else(|| {
+                    anyhow::anyhow!("--forwarded-allow-ips: bad prefix in {entry:?}")
+                })?,
                 None => max,
             };
             out.nets.push((ip, bits));
@@ -75,7 +73,9 @@ impl TrustedProxies {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
             v4 => v4,
         };
-        self.nets.iter().any(|(net, bits)| same_prefix(ip, *net, *bits))
+        self.nets
+            .iter()
+            .any(|(net, bits)| same_prefix(ip, *net, *bits))
     }
 }
 
@@ -109,7 +109,10 @@ pub fn base_environ<'py>(
     env.set_item("wsgi.run_once", false)?;
     env.set_item("wsgi.input_terminated", true)?;
     env.set_item("wsgi.errors", py.import("sys")?.getattr("stderr")?)?;
-    env.set_item("wsgi.file_wrapper", py.get_type::<super::file_wrapper::FileWrapper>())?;
+    env.set_item(
+        "wsgi.file_wrapper",
+        py.get_type::<super::file_wrapper::FileWrapper>(),
+    )?;
     env.set_item(
         "SERVER_SOFTWARE",
         concat!("forkscope/", env!("CARGO_PKG_VERSION")),
@@ -154,7 +157,13 @@ pub fn percent_decode(raw: &[u8]) -> std::borrow::Cow<'_, [u8]> {
 fn cgi_key(name: &str) -> String {
     let mut key = String::with_capacity(5 + name.len());
     key.push_str("HTTP_");
-    key.extend(name.chars().map(|c| if c == '-' { '_' } else { c.to_ascii_uppercase() }));
+    key.extend(name.chars().map(|c| {
+        if c == '-' {
+            '_'
+        } else {
+            c.to_ascii_uppercase()
+        }
+    }));
     key
 }
 
@@ -270,11 +279,11 @@ fn is_secure_scheme_header(name: &str, value: &[u8]) -> bool {
 fn split_host(host: &[u8], scheme: &str) -> (String, String) {
     let host: String = host.iter().map(|&b| b as char).collect();
     let default_port = if scheme == "https" { "443" } else { "80" };
-    if let Some(rest) = host.strip_prefix('[') {
-        if let Some((name, after)) = rest.split_once(']') {
-            let port = after.strip_prefix(':').unwrap_or(default_port);
-            return (format!("[{name}]"), port.to_owned());
-        }
+    if let Some(rest) = host.strip_prefix('[')
+        && let Some((name, after)) = rest.split_once(']')
+    {
+        let port = after.strip_prefix(':').unwrap_or(default_port);
+        return (format!("[{name}]"), port.to_owned());
     }
     match host.rsplit_once(':') {
         Some((name, port)) => (name.to_owned(), port.to_owned()),
@@ -307,8 +316,14 @@ mod tests {
 
     #[test]
     fn host_splitting() {
-        assert_eq!(split_host(b"example.com", "http"), ("example.com".into(), "80".into()));
-        assert_eq!(split_host(b"example.com", "https"), ("example.com".into(), "443".into()));
+        assert_eq!(
+            split_host(b"example.com", "http"),
+            ("example.com".into(), "80".into())
+        );
+        assert_eq!(
+            split_host(b"example.com", "https"),
+            ("example.com".into(), "443".into())
+        );
         assert_eq!(split_host(b"h:8080", "http"), ("h".into(), "8080".into()));
         assert_eq!(split_host(b"[::1]:9", "http"), ("[::1]".into(), "9".into()));
     }
@@ -321,7 +336,11 @@ mod tests {
         assert!(t.allows(Some("::ffff:127.0.0.1".parse().expect("ip"))));
         assert!(!t.allows(Some("192.168.1.1".parse().expect("ip"))));
         assert!(t.allows(None));
-        assert!(TrustedProxies::parse(&["*".into()]).expect("ok").allows(Some("8.8.8.8".parse().expect("ip"))));
+        assert!(
+            TrustedProxies::parse(&["*".into()])
+                .expect("ok")
+                .allows(Some("8.8.8.8".parse().expect("ip")))
+        );
         assert!(TrustedProxies::parse(&["nope".into()]).is_err());
     }
 }

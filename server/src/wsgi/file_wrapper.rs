@@ -26,7 +26,10 @@ impl FileWrapper {
     }
 
     fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
-        let data = self.filelike.bind(py).call_method1("read", (self.blksize,))?;
+        let data = self
+            .filelike
+            .bind(py)
+            .call_method1("read", (self.blksize,))?;
         let empty = match data.cast::<PyBytes>() {
             Ok(b) => b.as_bytes().is_empty(),
             Err(_) => data.len().map(|n| n == 0).unwrap_or(true),

@@ -153,7 +153,11 @@ impl WsgiInput {
 
     /// `readlines(hint=-1)`: lines until their total size reaches `hint`.
     #[pyo3(signature = (hint=None))]
-    fn readlines<'py>(&mut self, py: Python<'py>, hint: Option<isize>) -> PyResult<Bound<'py, PyList>> {
+    fn readlines<'py>(
+        &mut self,
+        py: Python<'py>,
+        hint: Option<isize>,
+    ) -> PyResult<Bound<'py, PyList>> {
         let hint = size_arg(hint).filter(|h| *h > 0);
         let lines = PyList::empty(py);
         let mut total = 0;

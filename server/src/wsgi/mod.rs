@@ -89,15 +89,16 @@ impl Wsgi {
     }
 
     /// Runs one request on connection `fd`, after the `pending` bytes of earlier responses.
-    pub fn handle(&self, py: Python<'_>, mut req: Request, fd: RawFd, pending: Vec<u8>) -> Completion {
+    pub fn handle(
+        &self,
+        py: Python<'_>,
+        mut req: Request,
+        fd: RawFd,
+        pending: Vec<u8>,
+    ) -> Completion {
         let head_request = req.head.method == "HEAD";
         let out = Output::new(fd, pending, self.write_timeout);
-        let response = StartResponse::new(
-            req.head.version,
-            head_request,
-            req.head.keep_alive,
-            out,
-        );
+        let response = StartResponse::new(req.head.version, head_request, req.head.keep_alive, out);
         let response = match Bound::new(py, response) {
             Ok(r) => r,
             Err(e) => {
@@ -148,11 +149,19 @@ impl Wsgi {
         done
     }
 
-    fn run_app(&self, py: Python<'_>, req: &mut Request, response: &Bound<'_, StartResponse>) -> PyResult<()> {
+    fn run_app(
+        &self,
+        py: Python<'_>,
+        req: &mut Request,
+        response: &Bound<'_, StartResponse>,
+    ) -> PyResult<()> {
         let env = self.base.bind(py).copy()?;
         environ::fill(py, &env, &req.head, &req.peer, &self.script_name)?;
         let body = std::mem::replace(&mut req.body, Body::empty());
-        env.set_item(pyo3::intern!(py, "wsgi.input"), Bound::new(py, WsgiInput::new(body)?)?)?;
+        env.set_item(
+            pyo3::intern!(py, "wsgi.input"),
+            Bound::new(py, WsgiInput::new(body)?)?,
+        )?;
         env.set_item(
             pyo3::intern!(py, "wsgi.early_hints"),
             response.getattr(pyo3::intern!(py, "early_hints"))?,
@@ -165,7 +174,11 @@ impl Wsgi {
 }
 
 /// Sends every item of the app's iterable.
-fn stream(py: Python<'_>, result: &Bound<'_, PyAny>, response: &Bound<'_, StartResponse>) -> PyResult<()> {
+fn stream(
+    py: Python<'_>,
+    result: &Bound<'_, PyAny>,
+    response: &Bound<'_, StartResponse>,
+) -> PyResult<()> {
     if let Ok(list) = result.cast::<PyList>() {
         for item in list.iter() {
             send_item(py, &item, response)?;
@@ -184,11 +197,18 @@ fn stream(py: Python<'_>, result: &Bound<'_, PyAny>, response: &Bound<'_, StartR
     Ok(())
 }
 
-fn send_item(py: Python<'_>, item: &Bound<'_, PyAny>, response: &Bound<'_, StartResponse>) -> PyResult<()> {
+fn send_item(
+    py: Python<'_>,
+    item: &Bound<'_, PyAny>,
+    response: &Bound<'_, StartResponse>,
+) -> PyResult<()> {
     let bytes = item.cast::<PyBytes>().map_err(|_| {
         PyTypeError::new_err(format!(
             "the application must yield bytes, not {}",
-            item.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+            item.get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default()
         ))
     })?;
     response.borrow_mut().send_body(py, bytes.as_bytes())

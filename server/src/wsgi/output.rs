@@ -74,7 +74,10 @@ impl Output {
         while self.buf.len() >= FLUSH_AT {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "client stopped reading"));
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "client stopped reading",
+                ));
             }
             let fd = self.fd;
             py.detach(|| wait_writable(fd, left))?;

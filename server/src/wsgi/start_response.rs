@@ -24,7 +24,7 @@ pub struct StartResponse {
 
 thread_local! {
     /// Each thread keeps its own cached Date header value (the cache is not `Sync`).
-    static DATE: DateCache = DateCache::new();
+    static DATE: DateCache = const { DateCache::new() };
 }
 
 impl StartResponse {
@@ -114,9 +114,9 @@ fn extract_headers(headers: &Bound<'_, PyAny>) -> PyResult<Vec<(String, String)>
         .map_err(|_| PyTypeError::new_err("response headers must be a list"))?;
     let mut out = Vec::with_capacity(list.len());
     for item in list.iter() {
-        let pair = item
-            .cast::<PyTuple>()
-            .map_err(|_| PyTypeError::new_err("each response header must be a (name, value) tuple"))?;
+        let pair = item.cast::<PyTuple>().map_err(|_| {
+            PyTypeError::new_err("each response header must be a (name, value) tuple")
+        })?;
         if pair.len() != 2 {
             return Err(PyTypeError::new_err(
                 "each response header must be a (name, value) tuple",
@@ -190,9 +190,13 @@ impl StartResponse {
         let mut interim = b"HTTP/1.1 103 Early Hints\r\n".to_vec();
         for (name, value) in &headers {
             let token = !name.is_empty()
-                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
             if !token || value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
-                return Err(PyRuntimeError::new_err(format!("invalid early hint header {name:?}")));
+                return Err(PyRuntimeError::new_err(format!(
+                    "invalid early hint header {name:?}"
+                )));
             }
             interim.extend_from_slice(name.as_bytes());
             interim.extend_from_slice(b": ");
