@@ -275,12 +275,18 @@ impl AccessLog {
 
     /// `[25/Nov/2026:20:42:14 +0000]` in local time, cached per second.
     fn time(&self, out: &mut String, at: SystemTime) {
-        let at: DateTime<Local> = at.into();
-        let second = at.timestamp();
+        // The time-zone conversion happens only when the second changes.
+        // Times before 1970 (a broken clock) all share one cache key and show one date.
+        let second = at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(-1, |since| {
+                i64::try_from(since.as_secs()).unwrap_or(i64::MAX)
+            });
         let mut cache = lock(&self.time);
         if cache.text.is_empty() || cache.second != second {
+            let local: DateTime<Local> = at.into();
             cache.second = second;
-            cache.text = at.format("[%d/%b/%Y:%H:%M:%S %z]").to_string();
+            cache.text = local.format("[%d/%b/%Y:%H:%M:%S %z]").to_string();
         }
         out.push_str(&cache.text);
     }
