@@ -683,3 +683,65 @@ fn http_limits_clamp_like_gunicorn() {
         (0, 32768, 8190)
     );
 }
+
+/// Every setting of the real gunicorn (from the test venv) is a forkscope setting, a hook, or
+/// refused by name; and every gunicorn flag is one of ours or a refused one.
+#[test]
+fn every_gunicorn_setting_is_covered() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let venv = std::process::Command::new(root.join("scripts/python-env"))
+        .output()
+        .expect("run scripts/python-env");
+    assert!(
+        venv.status.success(),
+        "{}",
+        String::from_utf8_lossy(&venv.stderr)
+    );
+    let python =
+        std::path::Path::new(String::from_utf8(venv.stdout).unwrap().trim()).join("bin/python");
+    let output = std::process::Command::new(python)
+        .args([
+            "-c",
+            "import json; from gunicorn import config; \
+             print(json.dumps({s.name: s.cli or [] for s in config.KNOWN_SETTINGS}))",
+        ])
+        .output()
+        .expect("run the venv's Python");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let gunicorn: std::collections::BTreeMap<String, Vec<String>> =
+        serde_json::from_slice(&output.stdout).unwrap();
+    assert!(gunicorn.len() > 50, "gunicorn lists its settings");
+
+    let kinds = setting_kinds();
+    let mut command = Settings::command();
+    command.build();
+    let mut ours: Vec<String> = Vec::new();
+    for arg in command.get_arguments() {
+        ours.extend(arg.get_short().map(|s| format!("-{s}")));
+        ours.extend(arg.get_long().map(|l| format!("--{l}")));
+        for alias in arg.get_all_aliases().unwrap_or_default() {
+            ours.push(format!("--{alias}"));
+        }
+    }
+    for (name, flags) in &gunicorn {
+        let hook = crate::config_file::HOOKS
+            .iter()
+            .any(|(hook, _)| hook == name);
+        let refused = unsupported::by_name(name);
+        assert!(
+            kinds.contains_key(name) || name == "config" || hook || refused.is_some(),
+            "gunicorn setting {name} ({flags:?}) is neither supported nor refused"
+        );
+        for flag in flags {
+            let covered = match refused {
+                Some(entry) => entry.flags.contains(&flag.as_str()),
+                None => ours.contains(flag),
+            };
+            assert!(covered, "gunicorn flag {flag} of {name} is not handled");
+        }
+    }
+}
