@@ -1,1 +1,65 @@
-//! Helpers for forkscope's end-to-end tests on a real control plane.
+//! Helpers for forkscope's end-to-end tests on a real Kubernetes control plane (etcd +
+//! kube-apiserver built and started by `e2e/controlplane.sh`).
+//!
+//! Run the tests through the wrapper, which starts a private control plane and exports
+//! `FORKSCOPE_E2E_KUBECONFIG`:
+//!
+//! ```text
+//! e2e/with-controlplane cargo test -p forkscope-e2e
+//! ```
+//!
+//! Without that variable every test fails with a message saying so; none passes silently.
+//!
+//! # Layout
+//! - [`cluster`]: the control plane's kubeconfig, a kube-rs client, `kubectl`, unique test
+//!   namespaces.
+//! - [`crds`]: install the `ProfileRequest` CRD and wait until it is Established.
+//! - [`kubelet`]: the kubelet harness: test pods that "run" on 127.0.0.N where real processes
+//!   listen, because there is no kubelet.
+//! - [`wait`]: polling with a deadline (never a fixed sleep).
+
+pub mod cluster;
+pub mod crds;
+pub mod kubelet;
+pub mod wait;
+
+/// Why an end-to-end helper failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The tests were started without a control plane.
+    #[error(
+        "FORKSCOPE_E2E_KUBECONFIG is not set: these tests need a real control plane; run them \
+         through e2e/with-controlplane, e.g. `e2e/with-controlplane cargo test -p forkscope-e2e`"
+    )]
+    NoControlPlane,
+    /// The kubeconfig could not be read or used.
+    #[error("kubeconfig {path}: {source}")]
+    Kubeconfig {
+        /// Where the kubeconfig was read from.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        source: kube::config::KubeconfigError,
+    },
+    /// The apiserver answered with an error or could not be reached.
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
+    /// A condition was not met before its deadline.
+    #[error("timed out after {after:?} waiting for {what}")]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// How long.
+        after: std::time::Duration,
+    },
+    /// `kubectl` could not be run.
+    #[error("running {program}: {source}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+}
+
+/// Result with this crate's [`enum@Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -21,6 +21,8 @@ pub const CRD_NAME: &str = "profilerequests.forkscope.dev";
 /// workers for `duration` (heap diff) or takes one snapshot (stacks), and writes per-pod and
 /// per-worker outcomes plus the top allocation sites aggregated across all of them to the status.
 /// The spec cannot change after creation: create a new request instead.
+// Several `printcolumn(type_ = "string", ..)` entries look like duplicated attributes to clippy.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[cfg_attr(test, derive(Default))]
 #[kube(
@@ -34,11 +36,36 @@ pub const CRD_NAME: &str = "profilerequests.forkscope.dev";
     status = "ProfileRequestStatus",
     derive = "PartialEq",
     doc = "ProfileRequest asks forkscope to profile the Python workers of selected pods.",
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Where the request is in its life cycle"),
-    printcolumn(name = "Pods", type_ = "integer", json_path = ".status.selectedPods", description = "Pods selected for profiling"),
-    printcolumn(name = "Top site", type_ = "string", json_path = ".status.topSite", description = "The allocation site that grew most, across all workers and pods"),
-    printcolumn(name = "Kind", type_ = "string", json_path = ".spec.kind", priority = "1", description = "HeapDiff or Stacks"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Where the request is in its life cycle"
+    ),
+    printcolumn(
+        name = "Pods",
+        type_ = "integer",
+        json_path = ".status.selectedPods",
+        description = "Pods selected for profiling"
+    ),
+    printcolumn(
+        name = "Top site",
+        type_ = "string",
+        json_path = ".status.topSite",
+        description = "The allocation site that grew most, across all workers and pods"
+    ),
+    printcolumn(
+        name = "Kind",
+        type_ = "string",
+        json_path = ".spec.kind",
+        priority = "1",
+        description = "HeapDiff or Stacks"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[x_kube(validation = Rule::new("self == oldSelf").message("spec is immutable: create a new ProfileRequest instead"))]
 #[serde(rename_all = "camelCase")]
@@ -189,7 +216,10 @@ pub enum Phase {
 impl Phase {
     /// Whether the request has finished (its `ttlSecondsAfterFinished` clock runs).
     pub fn is_finished(self) -> bool {
-        matches!(self, Self::Succeeded | Self::PartiallySucceeded | Self::Failed)
+        matches!(
+            self,
+            Self::Succeeded | Self::PartiallySucceeded | Self::Failed
+        )
     }
 }
 
@@ -395,9 +425,10 @@ mod tests {
 
     #[test]
     fn a_minimal_spec_gets_the_documented_defaults() {
-        let spec: ProfileRequestSpec =
-            serde_json::from_value(serde_json::json!({"selector": {"matchLabels": {"app": "web"}}}))
-                .expect("a selector alone is a valid spec");
+        let spec: ProfileRequestSpec = serde_json::from_value(
+            serde_json::json!({"selector": {"matchLabels": {"app": "web"}}}),
+        )
+        .expect("a selector alone is a valid spec");
         assert_eq!(spec.sidecar_port, IntOrString::String("forkscope".into()));
         assert_eq!(spec.kind, ProfileKind::HeapDiff);
         assert_eq!(spec.duration, "30s");

@@ -1,0 +1,144 @@
+//! The control plane the tests run against: its kubeconfig (from `FORKSCOPE_E2E_KUBECONFIG`,
+//! exported by `e2e/with-controlplane`), a kube-rs client for it, `kubectl` pointed at it, and
+//! unique namespaces so tests running in parallel never see each other's objects.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::Output;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{ObjectMeta, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+
+use crate::{Error, Result};
+
+/// Environment variable that names the control plane's kubeconfig.
+pub const KUBECONFIG_ENV: &str = "FORKSCOPE_E2E_KUBECONFIG";
+
+/// The kubeconfig path given the value of [`KUBECONFIG_ENV`] (pure, for testing).
+///
+/// # Errors
+/// [`Error::NoControlPlane`] when the variable is unset or empty.
+pub fn kubeconfig_path_from(value: Option<OsString>) -> Result<PathBuf> {
+    match value {
+        Some(path) if !path.is_empty() => Ok(PathBuf::from(path)),
+        _ => Err(Error::NoControlPlane),
+    }
+}
+
+/// The control plane's kubeconfig path.
+///
+/// # Errors
+/// [`Error::NoControlPlane`] when the tests were not started through `e2e/with-controlplane`.
+pub fn kubeconfig_path() -> Result<PathBuf> {
+    kubeconfig_path_from(std::env::var_os(KUBECONFIG_ENV))
+}
+
+/// A kube-rs client for the control plane, authenticated as its admin user.
+///
+/// # Errors
+/// [`Error::NoControlPlane`] without a control plane; [`Error::Kubeconfig`] when its
+/// kubeconfig is unusable.
+pub async fn client() -> Result<Client> {
+    let path = kubeconfig_path()?;
+    let kubeconfig_error = |source| Error::Kubeconfig {
+        path: path.clone(),
+        source,
+    };
+    let kubeconfig = Kubeconfig::read_from(&path).map_err(kubeconfig_error)?;
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(kubeconfig_error)?;
+    Ok(Client::try_from(config)?)
+}
+
+/// The `kubectl` the control-plane script chose (`FORKSCOPE_KUBECTL`), else the one on `PATH`.
+pub fn kubectl_program() -> OsString {
+    std::env::var_os("FORKSCOPE_KUBECTL").unwrap_or_else(|| "kubectl".into())
+}
+
+/// Runs `kubectl ARGS` against the control plane and returns its output (whatever its exit
+/// status; callers assert on it).
+///
+/// # Errors
+/// [`Error::NoControlPlane`] without a control plane; [`Error::Spawn`] when kubectl cannot run.
+pub async fn kubectl<I, S>(args: I) -> Result<Output>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let program = kubectl_program();
+    tokio::process::Command::new(&program)
+        .args(args)
+        .env("KUBECONFIG", kubeconfig_path()?)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|source| Error::Spawn {
+            program: program.to_string_lossy().into_owned(),
+            source,
+        })
+}
+
+/// Path of a file in the repository (the workspace root), e.g. `examples/profilerequest.yaml`.
+pub fn repo_path(relative: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the e2e crate lives one level below the repository root")
+        .join(relative)
+}
+
+/// Creates a namespace named `e2e-PREFIX-PID-N`, unique within this control plane.
+///
+/// Namespaces are not deleted: there is no namespace controller to finish a deletion, and the
+/// whole control plane is thrown away after the run.
+///
+/// # Errors
+/// The apiserver's error when the namespace cannot be created.
+pub async fn test_namespace(client: &Client, prefix: &str) -> Result<String> {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let mut name = format!("e2e-{prefix}");
+    name.truncate(40);
+    let name = format!("{}-{}-{n}", name.trim_end_matches('-'), std::process::id());
+    let namespace = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            labels: Some([("forkscope.dev/e2e".to_owned(), "true".to_owned())].into()),
+            ..ObjectMeta::default()
+        },
+        ..Namespace::default()
+    };
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &namespace)
+        .await?;
+    Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_the_variable_the_error_says_how_to_run_the_tests() {
+        for value in [None, Some(OsString::new())] {
+            let err = kubeconfig_path_from(value).expect_err("no control plane");
+            assert!(matches!(err, Error::NoControlPlane));
+            assert!(err.to_string().contains("e2e/with-controlplane"), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_variable_names_the_kubeconfig() {
+        let path = kubeconfig_path_from(Some("/tmp/cp/kubeconfig".into())).expect("set");
+        assert_eq!(path, PathBuf::from("/tmp/cp/kubeconfig"));
+    }
+
+    #[test]
+    fn repo_paths_resolve_from_the_workspace_root() {
+        assert!(repo_path("examples/profilerequest.yaml").is_file());
+    }
+}
