@@ -167,16 +167,37 @@ impl Origin {
     }
 }
 
-/// The command every source is parsed with: the settings plus hidden unsupported flags.
+/// The settings' command without its env vars: every source is parsed without clap reading
+/// the process environment, because the env vars are a layer of their own (read through the
+/// injected `env`, with their own error messages).
+fn command_without_env() -> clap::Command {
+    Settings::command().mut_args(|arg| arg.env(None::<&'static str>))
+}
+
+/// The command arguments are parsed with: the settings plus hidden unsupported flags.
 fn parse_command() -> clap::Command {
-    Settings::command().args(unsupported::hidden_args())
+    command_without_env().args(unsupported::hidden_args())
 }
 
 /// Parses one argument list into the layer of settings it sets explicitly.
 fn parse_args(args: Vec<OsString>, origin: Origin) -> anyhow::Result<Map<String, Value>> {
-    let matches = match parse_command().try_get_matches_from(args) {
+    let matches = match parse_command().try_get_matches_from(&args) {
         Ok(matches) => matches,
-        Err(err) if origin == Origin::CommandLine => return Err(err.into()),
+        Err(err) if origin == Origin::CommandLine => {
+            use clap::error::ErrorKind;
+            if matches!(
+                err.kind(),
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+            ) {
+                // Help shows the env vars, so it comes from the full command.
+                if let Err(help) = Settings::command().try_get_matches_from(&args)
+                    && help.kind() == err.kind()
+                {
+                    return Err(help.into());
+                }
+            }
+            return Err(err.into());
+        }
         Err(err) => bail!("{}: {}", origin.describe(), clap_message(&err)),
     };
     for id in matches.ids() {
@@ -224,8 +245,7 @@ fn cmd_args_layer(
 
 /// The settings' defaults, as declared on the struct (no environment involved).
 fn defaults() -> anyhow::Result<Map<String, Value>> {
-    let command = Settings::command().mut_args(|arg| arg.env(None::<&'static str>));
-    let matches = command
+    let matches = command_without_env()
         .try_get_matches_from(["forkscope-server"])
         .context("internal error: the defaults do not parse")?;
     let settings = Settings::from_arg_matches(&matches)
@@ -288,7 +308,7 @@ fn env_layer(env: &dyn Fn(&str) -> Option<OsString>) -> anyhow::Result<Map<Strin
 
 /// Validates `values` for setting `name` through its clap value parser; returns its JSON.
 fn parse_value(name: &str, values: &[String], origin: &str) -> anyhow::Result<Value> {
-    let command = Settings::command().mut_args(|arg| arg.env(None::<&'static str>));
+    let command = command_without_env();
     let arg = command
         .get_arguments()
         .find(|arg| arg.get_id() == name)
