@@ -5,7 +5,7 @@
 //! Bodies larger than [`SPILL_THRESHOLD`] go to an unlinked temporary file as they arrive.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Instant;
 
@@ -16,6 +16,26 @@ use crate::wsgi::Request;
 use crate::wsgi::environ::Peer;
 use crate::wsgi::input::{Body, SPILL_THRESHOLD};
 use crate::wsgi::output::Output;
+
+/// Bytes asked of the socket per read.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Reads from `fd` straight into the unused capacity of `buf` (no zero-filling: a per-read
+/// memset of the buffer showed up in profiles).
+fn read_into_spare(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<usize> {
+    buf.reserve(READ_CHUNK);
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: the kernel writes at most `spare.len()` bytes into memory we own, and we extend
+    // the length by exactly the number of bytes it reports.
+    let n = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), spare.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    // SAFETY: `n` bytes were initialized by read(2) just above.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
 
 /// Upper bound of buffered head bytes, whatever the limits say (so a client cannot make the
 /// worker buffer without end while sending a head that never completes).
@@ -31,13 +51,6 @@ pub enum Stream {
 }
 
 impl Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.read(buf),
-            Stream::Unix(s) => s.read(buf),
-        }
-    }
-
     /// The descriptor, for direct writes by the WSGI bridge.
     pub fn fd(&self) -> RawFd {
         match self {
@@ -309,14 +322,12 @@ impl Conn {
         if self.eof {
             return Ok(Some(Next::Close));
         }
-        let mut chunk = [0u8; 64 * 1024];
-        match self.stream.read(&mut chunk) {
+        match read_into_spare(self.stream.fd(), &mut self.rbuf) {
             Ok(0) => {
                 self.eof = true;
                 Ok(Some(Next::Close))
             }
-            Ok(n) => {
-                self.rbuf.extend_from_slice(&chunk[..n]);
+            Ok(_) => {
                 self.last_active = Instant::now();
                 Ok(None)
             }
