@@ -231,3 +231,30 @@ fn the_stdlib_validator_finds_nothing_to_complain_about() {
     );
     assert!(!log.contains("WSGIWarning"), "the validator warned:\n{log}");
 }
+
+#[test]
+fn access_log_lines_follow_gunicorns_format() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let access = dir.path().join("access.log");
+    let s = ServerBuilder::new("app:app")
+        .args(&["--access-logfile", access.to_str().expect("utf-8")])
+        .start();
+    request(
+        s.addr,
+        "GET",
+        "/?x=1",
+        &[("User-Agent", "probe/1"), ("Referer", "http://r/")],
+        b"",
+    );
+    let line = forkscope_tests::wait_for("the access-log line", Duration::from_secs(10), || {
+        std::fs::read_to_string(&access)
+            .ok()
+            .filter(|t| t.ends_with('\n'))
+    });
+    // 127.0.0.1 - - [25/Nov/2026:21:10:00 +0000] "GET /?x=1 HTTP/1.1" 200 13 "http://r/" "probe/1"
+    assert!(line.starts_with("127.0.0.1 - - ["), "{line}");
+    assert!(
+        line.contains("] \"GET /?x=1 HTTP/1.1\" 200 13 \"http://r/\" \"probe/1\"\n"),
+        "{line}"
+    );
+}

@@ -6,7 +6,6 @@ use std::time::Duration;
 use pyo3::prelude::*;
 
 use super::Leader;
-use crate::http::Limits;
 use crate::worker::{Identity, WorkerConfig, WorkerExit};
 use crate::wsgi::Wsgi;
 use crate::wsgi::environ::TrustedProxies;
@@ -84,11 +83,7 @@ pub fn worker_main(py: Python<'_>, leader: &Leader, slot: u32, _age: u64) -> Wor
         keepalive: Duration::from_secs(settings.keepalive),
         timeout: Duration::from_secs(settings.timeout),
         max_requests: with_jitter(settings.max_requests, settings.max_requests_jitter),
-        limits: Limits {
-            request_line: settings.limit_request_line,
-            fields: settings.limit_request_fields,
-            field_size: settings.limit_request_field_size,
-        },
+        limits: settings.http_limits(),
         trusted: TrustedProxies::parse(&settings.forwarded_allow_ips).unwrap_or_default(),
         multiprocess: settings.workers > 1,
         max_connections: MAX_CONNECTIONS,
@@ -98,12 +93,20 @@ pub fn worker_main(py: Python<'_>, leader: &Leader, slot: u32, _age: u64) -> Wor
     } else {
         config.timeout
     };
+    let access = match crate::logging::access::AccessLog::new(settings) {
+        Ok(a) => a,
+        Err(e) => {
+            log::error!("{e:#}");
+            return WorkerExit::BootError;
+        }
+    };
     let wsgi = match Wsgi::new(
         py,
         app,
         config.multiprocess,
         config.threads > 1,
         write_timeout,
+        access,
     ) {
         Ok(w) => w,
         Err(e) => {

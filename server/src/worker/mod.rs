@@ -275,10 +275,11 @@ impl<'a> EventLoop<'a> {
                 crate::python::format_exception(err)
             );
         }
-        if signals::REOPEN_LOGS.swap(false, Ordering::SeqCst)
-            && let Err(e) = crate::logging::reopen()
-        {
-            log::error!("cannot reopen log files: {e}");
+        if signals::REOPEN_LOGS.swap(false, Ordering::SeqCst) {
+            if let Err(e) = crate::logging::reopen() {
+                log::error!("cannot reopen log files: {e}");
+            }
+            self.wsgi.reopen_access_log();
         }
         false
     }

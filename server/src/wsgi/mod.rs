@@ -19,6 +19,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
 use crate::http::RequestHead;
+use crate::logging::access::{AccessLog, AccessRecord};
 use environ::Peer;
 use input::{Body, WsgiInput};
 use output::Output;
@@ -58,6 +59,7 @@ pub struct Wsgi {
     base: Py<PyDict>,
     script_name: String,
     write_timeout: Duration,
+    access: Option<AccessLog>,
 }
 
 const INTERNAL_ERROR: &[u8] = b"HTTP/1.1 500 Internal Server Error\r\n\
@@ -76,6 +78,7 @@ impl Wsgi {
         multiprocess: bool,
         multithread: bool,
         write_timeout: Duration,
+        access: Option<AccessLog>,
     ) -> PyResult<Self> {
         let base = environ::base_environ(py, multiprocess, multithread)?.unbind();
         // gunicorn takes SCRIPT_NAME from the process environment (or `-e SCRIPT_NAME=...`).
@@ -85,17 +88,53 @@ impl Wsgi {
             base,
             script_name,
             write_timeout,
+            access,
         })
     }
 
-    /// Runs one request on connection `fd`, after the `pending` bytes of earlier responses.
-    pub fn handle(
-        &self,
-        py: Python<'_>,
-        mut req: Request,
-        fd: RawFd,
-        pending: Vec<u8>,
-    ) -> Completion {
+    /// Reopens the access log (USR1).
+    pub fn reopen_access_log(&self) {
+        if let Some(access) = &self.access
+            && let Err(e) = access.reopen()
+        {
+            log::error!("cannot reopen the access log: {e}");
+        }
+    }
+
+    /// Runs one request on connection `fd`, after the `pending` bytes of earlier responses,
+    /// and writes its access-log line.
+    pub fn handle(&self, py: Python<'_>, req: Request, fd: RawFd, pending: Vec<u8>) -> Completion {
+        let Some(access) = &self.access else {
+            return self.respond(py, req, fd, pending);
+        };
+        let start = std::time::SystemTime::now();
+        let timer = std::time::Instant::now();
+        let head = req.head.clone();
+        let remote = req
+            .peer
+            .remote
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default();
+        let done = self.respond(py, req, fd, pending);
+        access.log(&AccessRecord {
+            remote_addr: &remote,
+            method: &head.method,
+            path: &String::from_utf8_lossy(&head.path),
+            query: &String::from_utf8_lossy(&head.query),
+            version: head.version.as_str(),
+            status: done.status,
+            response_length: Some(done.bytes_sent),
+            request_headers: &head.headers,
+            response_headers: &done.headers,
+            request_time: timer.elapsed(),
+            start,
+            pid: std::process::id(),
+            environ: None,
+        });
+        done
+    }
+
+    fn respond(&self, py: Python<'_>, mut req: Request, fd: RawFd, pending: Vec<u8>) -> Completion {
         let head_request = req.head.method == "HEAD";
         let out = Output::new(fd, pending, self.write_timeout);
         let response = StartResponse::new(req.head.version, head_request, req.head.keep_alive, out);
