@@ -258,3 +258,22 @@ fn access_log_lines_follow_gunicorns_format() {
         "{line}"
     );
 }
+
+#[test]
+fn file_wrapper_sends_files_from_their_position_and_iterates_the_rest() {
+    let s = ServerBuilder::new("app:app").start();
+    let source = std::fs::read(forkscope_tests::apps_dir().join("app.py")).expect("read app.py");
+    for (path, expected) in [
+        ("/file", &source[..]),
+        ("/file?seek=100", &source[100..]),
+        ("/file?nolength=1", &source[..]),
+    ] {
+        let r = request(s.addr, "GET", path, &[], b"");
+        assert_eq!(r.status, 200, "{path}");
+        assert_eq!(r.body, expected, "{path}");
+    }
+    let r = request(s.addr, "HEAD", "/file", &[], b"");
+    assert!(r.body.is_empty());
+    let r = request(s.addr, "GET", "/bytesio", &[], b"");
+    assert_eq!(r.body, b"in-memory ".repeat(1000));
+}

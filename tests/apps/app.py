@@ -125,9 +125,20 @@ def app(environ, start_response):
         start_response("200 OK", [("Content-Type", "text/plain")])
         return Body()
     if path == "/file":
+        # A real file (sent with sendfile), optionally from an offset, with or without a length.
         f = open(__file__, "rb")
-        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(os.path.getsize(__file__)))])
+        seek = int(q.get("seek", "0"))
+        f.seek(seek)
+        headers = [("Content-Type", "text/plain")]
+        if "nolength" not in q:
+            headers.append(("Content-Length", str(os.path.getsize(__file__) - seek)))
+        start_response("200 OK", headers)
         return environ["wsgi.file_wrapper"](f, 4096)
+    if path == "/bytesio":
+        # No file descriptor: the wrapper is iterated in blocks instead.
+        import io
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return environ["wsgi.file_wrapper"](io.BytesIO(b"in-memory " * 1000), 64)
     if path == "/status":
         code = q.get("code", "204 No Content")
         start_response(code, [])

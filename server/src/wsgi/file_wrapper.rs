@@ -10,6 +10,25 @@ pub struct FileWrapper {
     blksize: usize,
 }
 
+impl FileWrapper {
+    /// The open file behind the wrapper, its position and what is left of it, when it is a
+    /// regular file that sendfile(2) can read (`None` for pipes, sockets, BytesIO...).
+    pub fn sendfile_source(&self, py: Python<'_>) -> Option<(i32, i64, usize)> {
+        let f = self.filelike.bind(py);
+        let fd: i32 = f.call_method0("fileno").ok()?.extract().ok()?;
+        // Flush Python-side buffers so the descriptor's position is the reader's position.
+        let offset: i64 = f.call_method0("tell").ok()?.extract().ok()?;
+        // SAFETY: fstat on a descriptor the file object owns and keeps open.
+        let stat =
+            nix::sys::stat::fstat(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }).ok()?;
+        if stat.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return None;
+        }
+        let left = usize::try_from(stat.st_size - offset).ok()?;
+        Some((fd, offset, left))
+    }
+}
+
 #[pymethods]
 impl FileWrapper {
     #[new]

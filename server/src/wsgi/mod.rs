@@ -218,6 +218,11 @@ fn stream(
     result: &Bound<'_, PyAny>,
     response: &Bound<'_, StartResponse>,
 ) -> PyResult<()> {
+    if let Ok(wrapper) = result.cast::<file_wrapper::FileWrapper>()
+        && let Some((fd, offset, len)) = wrapper.borrow().sendfile_source(py)
+    {
+        return response.borrow_mut().send_file(py, fd, offset, len);
+    }
     if let Ok(list) = result.cast::<PyList>() {
         for item in list.iter() {
             send_item(py, &item, response)?;

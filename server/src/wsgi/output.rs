@@ -86,6 +86,66 @@ impl Output {
         Ok(())
     }
 
+    /// Writes everything buffered, waiting for the client as needed (before a sendfile).
+    ///
+    /// # Errors
+    /// The peer is gone, or did not read for `write_timeout`.
+    pub fn drain(&mut self, py: Python<'_>) -> io::Result<()> {
+        let deadline = Instant::now() + self.write_timeout;
+        while !self.try_flush()? {
+            self.wait(py, deadline)?;
+        }
+        Ok(())
+    }
+
+    /// Sends `count` bytes of `file` from `offset` with sendfile(2): no copy through user space.
+    ///
+    /// # Errors
+    /// The peer is gone, the client stopped reading, or the file is shorter than promised.
+    pub fn send_file(
+        &mut self,
+        py: Python<'_>,
+        file: RawFd,
+        mut offset: i64,
+        count: usize,
+    ) -> io::Result<()> {
+        self.drain(py)?;
+        let mut left = count;
+        let mut deadline = Instant::now() + self.write_timeout;
+        // SAFETY: the file descriptor belongs to the app's file object, open for this call.
+        let file = unsafe { BorrowedFd::borrow_raw(file) };
+        while left > 0 {
+            match nix::sys::sendfile::sendfile64(self.borrowed(), file, Some(&mut offset), left) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "file ended early",
+                    ));
+                }
+                Ok(n) => {
+                    left -= n;
+                    deadline = Instant::now() + self.write_timeout;
+                }
+                Err(nix::errno::Errno::EAGAIN) => self.wait(py, deadline)?,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(io::Error::from(e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn wait(&self, py: Python<'_>, deadline: Instant) -> io::Result<()> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "client stopped reading",
+            ));
+        }
+        let fd = self.fd;
+        py.detach(|| wait_writable(fd, left))
+    }
+
     fn borrowed(&self) -> BorrowedFd<'_> {
         // SAFETY: the connection owns the fd and outlives this Output.
         unsafe { BorrowedFd::borrow_raw(self.fd) }

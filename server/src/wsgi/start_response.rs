@@ -99,6 +99,25 @@ impl StartResponse {
         self.out.pump(py).map_err(PyErr::from)
     }
 
+    /// Sends the rest of an open file (from `offset`) as body with sendfile(2), framed like
+    /// any other body piece.
+    pub fn send_file(
+        &mut self,
+        py: Python<'_>,
+        file: i32,
+        offset: i64,
+        len: usize,
+    ) -> PyResult<()> {
+        self.send_head()?;
+        let plan = self.plan.as_mut().expect("send_head set the plan");
+        let framed = plan.frame_body(len, &mut self.out.buf);
+        if framed.take > 0 {
+            self.out.send_file(py, file, offset, framed.take)?;
+        }
+        self.out.buf.extend_from_slice(framed.suffix);
+        Ok(())
+    }
+
     /// Ends the body. Returns whether the connection may be kept alive.
     pub fn finish(&mut self) -> PyResult<bool> {
         self.send_head()?;
