@@ -224,6 +224,11 @@ impl<'a> EventLoop<'a> {
                     POOL_DONE => self.collect_pool(),
                     Token(i) if i < FIRST_CONN => self.accept(i),
                     Token(key) => {
+                        if (event.is_readable() || event.is_read_closed() || event.is_error())
+                            && let Some(conn) = self.conns.get_mut(&key)
+                        {
+                            conn.readable();
+                        }
                         if self.drive(key) {
                             return Ok(WorkerExit::Normal);
                         }
