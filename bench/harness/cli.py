@@ -1,0 +1,168 @@
+"""`bench/run` and `bench/report`: argument parsing and the order of the steps."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+from . import environment, memory, processes, report, servers, throughput
+from .environment import log
+
+BENCH = Path(__file__).resolve().parent.parent
+ROOT = BENCH.parent
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bench/run",
+        description="Benchmark forkscope-server beside gunicorn, granian and uWSGI; writes raw "
+        "JSON under bench/results/ and renders docs/BENCHMARKS.md from it.",
+    )
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 2 s runs, 1 s warm-up, 1 round; the document goes to "
+                        "bench/results/ instead of docs/ unless --out is given")
+    p.add_argument("--servers", type=_csv, default=None,
+                   help="comma-separated keys, key prefixes or families: " +
+                        ", ".join(s.key for s in servers.THROUGHPUT_SERVERS) + "; memory rows are "
+                        "selected by family (gunicorn, forkscope, uwsgi)")
+    p.add_argument("--apps", type=_csv, default=[a.key for a in throughput.APPS],
+                   help="comma-separated: " + ", ".join(a.key for a in throughput.APPS))
+    p.add_argument("--workers", type=lambda t: tuple(int(x) for x in _csv(t)), default=(1, 2),
+                   help="worker counts for the throughput table (default 1,2)")
+    p.add_argument("--duration", type=int, default=None, help="seconds per measured wrk run (default 10)")
+    p.add_argument("--warmup", type=int, default=None, help="seconds of wrk warm-up (default 3)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds of interleaved runs (default 3)")
+    p.add_argument("--connections", type=int, default=32, help="wrk -c (default 32)")
+    p.add_argument("--wrk-threads", type=int, default=1, help="wrk -t (default 1)")
+    p.add_argument("--only", choices=["throughput", "memory"], default=None,
+                   help="measure only one of the two tables")
+    p.add_argument("--no-build", action="store_true",
+                   help="use the existing target/release/forkscope-server instead of building")
+    p.add_argument("--provisional", metavar="TEXT", default=None,
+                   help="label the document provisional with this explanation")
+    p.add_argument("--out", type=Path, default=None, help="document path (default docs/BENCHMARKS.md)")
+    p.add_argument("--results-dir", type=Path, default=BENCH / "results")
+    return p
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def main_run(argv: list[str]) -> int:
+    args = run_parser().parse_args(argv)
+    duration = args.duration or (2 if args.quick else 10)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    rounds = args.rounds or (1 if args.quick else 3)
+    params = throughput.Params(duration, warmup, rounds, args.connections, args.wrk_threads, args.workers)
+
+    apps = [a for a in throughput.APPS if a.key in args.apps]
+    unknown = set(args.apps) - {a.key for a in throughput.APPS}
+    if unknown:
+        log(f"unknown apps: {', '.join(sorted(unknown))}")
+        return 2
+    tp_servers = servers.select(servers.THROUGHPUT_SERVERS, args.servers)
+    mem_configs = servers.select(servers.MEMORY_CONFIGS, args.servers, by_family=True)
+    if args.only == "memory":
+        tp_servers = []
+    if args.only == "throughput":
+        mem_configs = []
+    if not tp_servers and not mem_configs:
+        log("nothing selected")
+        return 2
+
+    venv = environment.ensure_venv(BENCH / "requirements.txt")
+    wrk = environment.ensure_wrk()
+    wants_forkscope = any(s.family == "forkscope" for s in tp_servers + mem_configs)
+    forkscope = None
+    if wants_forkscope:
+        if args.no_build:
+            forkscope = ROOT / "target" / "release" / "forkscope-server"
+        else:
+            forkscope = environment.build_forkscope(ROOT)
+
+    notes: list[str] = []
+    skipped = []
+    if forkscope is not None and not environment.forkscope_has_flag(forkscope, "--no-gc-freeze"):
+        mem_configs = [c for c in mem_configs if c.key != "forkscope-preload-nofreeze"]
+        skipped.append({"config": "forkscope-preload-nofreeze",
+                        "reason": "this forkscope-server has no --no-gc-freeze flag"})
+
+    started = _now()
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    suffix = "-quick" if args.quick else ""
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    results_path = args.results_dir / f"{stamp}{suffix}.json"
+    out = args.out or (args.results_dir / f"{stamp}{suffix}.md" if args.quick else ROOT / "docs" / "BENCHMARKS.md")
+    provisional = args.provisional
+    if args.quick and not provisional:
+        provisional = "a --quick smoke run (short runs, one round): not for quoting."
+
+    command = "bench/run" + ("" if not argv else " " + shlex.join(argv))
+    meta = {
+        "command": command,
+        "started": started,
+        "quick": args.quick,
+        "provisional": provisional,
+        "params": {"duration": duration, "warmup": warmup, "rounds": rounds,
+                   "connections": args.connections, "wrk_threads": args.wrk_threads,
+                   "workers": list(args.workers)},
+        "machine": environment.machine(),
+        "versions": environment.versions(venv, wrk, forkscope, ROOT),
+        "loadavg_start": processes.loadavg(),
+    }  # fmt: skip
+
+    with tempfile.TemporaryDirectory(prefix="forkscope-bench-") as tmp:
+        scratch = Path(tmp)
+        ctx = servers.Context(venv=venv, apps=BENCH / "apps", bench=BENCH, forkscope=forkscope, scratch=scratch)
+        meta["paths"] = {"bench/apps": str(ctx.apps), "bench": str(BENCH), "$VENV": str(venv),
+                         "target/release/forkscope-server": str(forkscope or ""), "$TMP": str(scratch)}  # fmt: skip
+        raw: dict = {"meta": meta}
+        if tp_servers and apps:
+            log(f"throughput: {', '.join(s.key for s in tp_servers)} × {', '.join(a.key for a in apps)} "
+                f"× workers {list(args.workers)} × {rounds} round(s) of {duration} s")  # fmt: skip
+            raw["throughput"] = throughput.measure(ctx, wrk, tp_servers, apps, params)
+        if mem_configs or skipped:
+            log(f"memory: {', '.join(c.key for c in mem_configs)}")
+            raw["memory"] = memory.measure(ctx, mem_configs)
+            raw["memory_skipped"] = skipped
+    meta["finished"] = _now()
+    meta["loadavg_end"] = processes.loadavg()
+    meta["notes"] = notes
+    results_path.write_text(json.dumps(raw, indent=1) + "\n")
+    report.write(results_path, out, ROOT)
+    log(f"raw results: {results_path}")
+    log(f"document:    {out}")
+    failed = [s for s in raw.get("throughput", []) if "error" in s] + [r for r in raw.get("memory", []) if "error" in r]
+    if failed:
+        log(f"{len(failed)} measurement(s) failed; see the raw results")
+        return 1
+    return 0
+
+
+def main_report(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="bench/report",
+                                description="Render docs/BENCHMARKS.md from saved raw results.")
+    p.add_argument("results", type=Path, nargs="?", default=None,
+                   help="a bench/results/*.json file (default: the newest non-quick one)")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
+    args = p.parse_args(argv)
+    path = args.results
+    if path is None:
+        found = sorted(p for p in (BENCH / "results").glob("*.json") if not p.stem.endswith("-quick"))
+        if not found:
+            print("bench/report: no results in bench/results/", file=sys.stderr)
+            return 2
+        path = found[-1]
+    report.write(path, args.out, ROOT)
+    print(args.out)
+    return 0

@@ -1,0 +1,155 @@
+"""Installs what the benchmark needs and describes the machine and the software it measured.
+
+- the bench venv (`${FORKSCOPE_CACHE:-~/.cache/forkscope}/bench-venv`) with bench/requirements.txt
+  (gunicorn, granian, uWSGI which compiles against the Python headers, Flask), reused while the
+  requirements file is unchanged;
+- wrk from Debian when it is not on PATH;
+- forkscope-server, built with `cargo build --release -p forkscope-server`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FORKSCOPE_CACHE") or Path.home() / ".cache" / "forkscope")
+
+
+def ensure_venv(requirements: Path) -> Path:
+    """The bench venv, created or refreshed when bench/requirements.txt changed."""
+    venv = cache_dir() / "bench-venv"
+    stamp = venv / ".requirements.sha256"
+    want = hashlib.sha256(requirements.read_bytes()).hexdigest()
+    python = os.environ.get("FORKSCOPE_PYTHON", "python3")
+    if (venv / "bin" / "python").exists() and stamp.exists() and stamp.read_text().strip() == want:
+        return venv
+    log(f"installing {requirements.name} into {venv} (uWSGI compiles: a minute or two)")
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([python, "-m", "venv", str(venv)], check=True)
+    subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet",
+         "--disable-pip-version-check", "-r", str(requirements)],
+        check=True,
+    )  # fmt: skip
+    stamp.write_text(want + "\n")
+    return venv
+
+
+def ensure_wrk() -> str:
+    """Path of wrk; installs Debian's package (apt-get update once, then install) if missing."""
+    found = shutil.which("wrk")
+    if found:
+        return found
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    log("wrk not found: installing it from Debian")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(sudo + ["apt-get", "update"], check=True, env=env)
+    subprocess.run(sudo + ["apt-get", "install", "-y", "wrk"], check=True, env=env)
+    found = shutil.which("wrk")
+    if not found:
+        raise RuntimeError("apt-get installed wrk but it is not on PATH")
+    return found
+
+
+def build_forkscope(root: Path) -> Path:
+    """`cargo build --release -p forkscope-server` and the binary's path."""
+    log("cargo build --release -p forkscope-server")
+    subprocess.run(["cargo", "build", "--release", "-p", "forkscope-server"], cwd=root, check=True)
+    target = Path(os.environ.get("CARGO_TARGET_DIR") or root / "target")
+    if not target.is_absolute():
+        target = root / target
+    binary = target / "release" / "forkscope-server"
+    if not binary.exists():
+        raise RuntimeError(f"cargo built, but {binary} does not exist")
+    return binary
+
+
+def forkscope_has_flag(binary: Path, flag: str) -> bool:
+    out = subprocess.run([str(binary), "--help"], capture_output=True, text=True)
+    return re.search(rf"(^|\s){re.escape(flag)}\b", out.stdout + out.stderr) is not None
+
+
+def _first_line(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unavailable ({e})"
+    text = (out.stdout or out.stderr).strip()
+    return text.splitlines()[0] if text else "unknown"
+
+
+def versions(venv: Path, wrk: str, forkscope: Path | None, root: Path) -> dict[str, str]:
+    """The version of every server, framework and tool measured."""
+    py = str(venv / "bin" / "python")
+    meta = json.loads(
+        subprocess.run(
+            [py, "-c",
+             "import json, sys, importlib.metadata as m\n"
+             "names = ['gunicorn', 'granian', 'uwsgi', 'flask', 'werkzeug']\n"
+             "print(json.dumps({'python': sys.version.split()[0],"
+             " **{n: m.version(n) for n in names}}))"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    )  # fmt: skip
+    out = {k: str(v) for k, v in meta.items()}
+    out["uwsgi-binary"] = _first_line([str(venv / "bin" / "uwsgi"), "--version"])
+    wrk_line = _first_line([wrk, "-v"])
+    m = re.match(r"wrk\s+(\S+)", wrk_line)
+    out["wrk"] = m.group(1) if m else wrk_line
+    if forkscope is not None:
+        out["forkscope-server"] = _first_line([str(forkscope), "--version"])
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        out["forkscope-commit"] = commit or "unknown"
+    return out
+
+
+def machine() -> dict[str, object]:
+    """nproc, CPU model, kernel, memory: what the numbers were measured on."""
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_kib = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    except OSError:
+        pass
+    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    return {
+        "nproc": int(nproc) if nproc.isdigit() else os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "os": _os_name(),
+        "mem_total_mib": mem_kib // 1024,
+    }
+
+
+def _os_name() -> str:
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                return line.split("=", 1)[1].strip('"')
+    except OSError:
+        pass
+    return platform.system()

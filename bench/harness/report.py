@@ -1,0 +1,297 @@
+"""Renders docs/BENCHMARKS.md from one raw results file (bench/results/*.json); measures nothing."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from pathlib import Path
+
+from .servers import BASELINE, MEMORY_CONFIGS, THROUGHPUT_SERVERS
+from .throughput import APPS, Params, wrk_command
+
+PHASES = [("idle", "idle"), ("after_requests", "after 2,000 requests"), ("after_gc", "after a full GC in every worker")]
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _fmt_rps(v: float | None) -> str:
+    return "—" if v is None else f"{v:,.0f}"
+
+
+def _fmt_ms(v: float | None) -> str:
+    if v is None:
+        return "—"
+    return f"{v:.2f}" if v < 10 else f"{v:.1f}"
+
+
+def _fmt_ratio(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}×"
+
+
+def _mib(kib: float | None) -> str:
+    return "—" if kib is None else f"{kib / 1024:,.0f}"
+
+
+def summarize(samples: list[dict]) -> dict[tuple[str, int, str], dict]:
+    """Per (app, workers, server): medians over rounds of req/s, p50 and p99, plus spread."""
+    groups: dict[tuple[str, int, str], list[dict]] = {}
+    for s in samples:
+        groups.setdefault((s["app"], s["workers"], s["server"]), []).append(s)
+    out = {}
+    for key, group in groups.items():
+        ok = [s for s in group if "rps" in s]
+        rps = [s["rps"] for s in ok]
+        med = _median(rps)
+        out[key] = {
+            "rps": med,
+            "p50": _median([s["p50_ms"] for s in ok if "p50_ms" in s]),
+            "p99": _median([s["p99_ms"] for s in ok if "p99_ms" in s]),
+            "n": len(ok),
+            "failed": len(group) - len(ok),
+            "spread": (max(rps) - min(rps)) / med if med and len(rps) > 1 else None,
+            "errors": sum(
+                sum(v for k, v in s.get("socket_errors", {}).items() if k != "read")
+                + s.get("non_2xx", 0)
+                for s in ok
+            ),
+            "read_errors": sum(s.get("socket_errors", {}).get("read", 0) for s in ok),
+        }
+    return out
+
+
+def _throughput_section(raw: dict, lines: list[str]) -> None:
+    samples = raw.get("throughput") or []
+    if not samples:
+        return
+    p = raw["meta"]["params"]
+    params = Params(p["duration"], p["warmup"], p["rounds"], p["connections"], p["wrk_threads"], tuple(p["workers"]))
+    summary = summarize(samples)
+    present = {s["server"] for s in samples}
+    order = [s for s in THROUGHPUT_SERVERS if s.key in present]
+    workers = list(params.workers)
+    lines += ["## Throughput and latency", ""]
+    lines += [
+        f"Median of {params.rounds} round(s) of `wrk -t{params.wrk_threads} -c{params.connections} "
+        f"-d{params.duration}s --latency` after a {params.warmup} s warm-up; requests/s, p50 and p99 "
+        "latency in milliseconds, and the requests/s as a ratio to gunicorn sync with the same "
+        "worker count.",
+        "",
+    ]
+    spreads = []
+    for app in APPS:
+        if not any(s["app"] == app.key for s in samples):
+            continue
+        lines += [f"### {app.label}", "", f"`bench/apps/{app.target.split(':')[0]}.py`, `{wrk_command(params, app)}`", ""]
+        head = "| server |"
+        rule = "| --- |"
+        for w in workers:
+            label = f"{w} worker" + ("s" if w != 1 else "")
+            head += f" {label}: req/s | × sync | p50 ms | p99 ms |"
+            rule += " ---: | ---: | ---: | ---: |"
+        lines += [head, rule]
+        for server in order:
+            row = f"| {server.label} |"
+            for w in workers:
+                cell = summary.get((app.key, w, server.key))
+                base = summary.get((app.key, w, BASELINE))
+                if cell is None or cell["rps"] is None:
+                    row += " failed |  |  |  |" if cell else " — |  |  |  |"
+                    continue
+                ratio = cell["rps"] / base["rps"] if base and base["rps"] else None
+                flag = " ⚠" if cell["errors"] or cell["failed"] else ""
+                flag += " †" if cell["read_errors"] else ""
+                row += f" {_fmt_rps(cell['rps'])}{flag} | {_fmt_ratio(ratio)} | {_fmt_ms(cell['p50'])} | {_fmt_ms(cell['p99'])} |"
+                if cell["spread"] is not None:
+                    spreads.append(cell["spread"])
+            lines.append(row)
+        lines.append("")
+    if spreads:
+        lines += [
+            f"Run-to-run spread of requests/s ((max − min) / median over the rounds of one cell): "
+            f"median {statistics.median(spreads):.0%}, largest {max(spreads):.0%}. "
+            "⚠ marks a cell with connect/write/timeout errors, non-2xx answers or a failed run; "
+            "† a cell where wrk counted read errors: the server closed connections after a "
+            "response without announcing `Connection: close`, so wrk reconnected (see the raw JSON).",
+            "",
+        ]
+    lines += ["Commands (shown for the first app and worker count; PORT chosen free at run time):", ""]
+    for server in order:
+        first = next(x for x in samples if x["server"] == server.key)
+        lines.append(f"- {server.label}: `{_shorten(first['argv'], raw)}`")
+    lines.append("")
+    _goals(summary, workers, present, lines)
+
+
+def _goals(summary: dict, workers: list[int], present: set[str], lines: list[str]) -> None:
+    fork = [k for k in ("forkscope", "forkscope-threads") if k in present]
+    if not fork or "granian" not in present:
+        return
+    lines += [
+        "### Against the goals of issue 2",
+        "",
+        "Goal: at least 1.2× granian's requests/s at every worker count, with p99 no worse than uWSGI's.",
+        "",
+    ]
+    head = "| app | workers |" + "".join(f" {k} / granian | {k} p99 ms |" for k in fork) + " uWSGI p99 ms |"
+    lines += [head, "| --- | ---: |" + " ---: | ---: |" * len(fork) + " ---: |"]
+    for app in APPS:
+        for w in workers:
+            gran = summary.get((app.key, w, "granian"))
+            if not gran or not gran["rps"]:
+                continue
+            uw = summary.get((app.key, w, "uwsgi"))
+            row = f"| {app.key} | {w} |"
+            for k in fork:
+                c = summary.get((app.key, w, k))
+                if not c or not c["rps"]:
+                    row += " — | — |"
+                    continue
+                row += f" {_fmt_ratio(c['rps'] / gran['rps'])} | {_fmt_ms(c['p99'])} |"
+            row += f" {_fmt_ms(uw['p99']) if uw else '—'} |"
+            lines.append(row)
+    lines.append("")
+
+
+def _memory_section(raw: dict, lines: list[str]) -> None:
+    results = raw.get("memory") or []
+    skipped = raw.get("memory_skipped") or []
+    if not results and not skipped:
+        return
+    labels = {c.key: c.label for c in MEMORY_CONFIGS}
+    lines += [
+        "## Memory (PSS)",
+        "",
+        "`bench/apps/bigmem.py` builds ~180 MB of Python objects (dicts, lists, tuples, strings) at "
+        "import; a leader and 4 workers serve it. PSS is the sum of `Pss:` in "
+        "`/proc/PID/smaps_rollup` of the leader and its children, in MiB. Phases: idle (every "
+        "worker has imported the app), after 2,000 requests to `/`, and after every worker has "
+        "run a full `gc.collect()` (`/gc` requests on distinct connections until each worker PID "
+        "has answered one).",
+        "",
+        "| configuration | idle | after 2,000 requests | after a full GC in every worker | leader after GC | each worker after GC |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        label = labels.get(r["config"], r["config"])
+        if "error" in r:
+            lines.append(f"| {label} | failed: {r['error'].splitlines()[0][:80]} | | | | |")
+            continue
+        ph = r["phases"]
+        gc = ph["after_gc"]
+        ws = [w["pss_kib"] or 0 for w in gc["workers"]]
+        each = f"{_mib(min(ws))}–{_mib(max(ws))}" if ws and _mib(min(ws)) != _mib(max(ws)) else (_mib(ws[0]) if ws else "—")
+        warn = "" if r.get("workers_stable", True) else " ⚠ workers changed"
+        lines.append(
+            f"| {label}{warn} | {_mib(ph['idle']['total_kib'])} | {_mib(ph['after_requests']['total_kib'])} "
+            f"| {_mib(gc['total_kib'])} | {_mib(gc['leader']['pss_kib'])} | {each} |"
+        )
+    for s in skipped:
+        lines.append(f"| {labels.get(s['config'], s['config'])} | skipped: {s['reason']} | | | | |")
+    lines += ["", "Per process (MiB), leader first, then workers by PID:", "",
+              "| configuration | " + " | ".join(t for _, t in PHASES) + " |",
+              "| --- |" + " --- |" * len(PHASES)]  # fmt: skip
+    for r in results:
+        if "error" in r:
+            continue
+        cells = []
+        for key, _ in PHASES:
+            snap = r["phases"][key]
+            ws = sorted(snap["workers"], key=lambda w: w["pid"])
+            cells.append(f"{_mib(snap['leader']['pss_kib'])} + " + " / ".join(_mib(w["pss_kib"]) for w in ws))
+        lines.append(f"| {labels.get(r['config'], r['config'])} | " + " | ".join(cells) + " |")
+    lines.append("")
+    fp = next((r for r in results if r["config"] == "forkscope-preload" and "error" not in r), None)
+    if fp:
+        after = fp["phases"]["after_gc"]["total_kib"] / 1024
+        verdict = "meets" if after <= 185 else "misses"
+        lines += [f"Goal of issue 2: forkscope-server --preload at or below 185 MiB after the full GC: "
+                  f"{after:,.0f} MiB, {verdict} it.", ""]  # fmt: skip
+    lines += ["Commands (PORT chosen free at run time):", ""]
+    for r in results:
+        env = " ".join(f"{k}={v}" for k, v in (r.get("env") or {}).items())
+        lines.append(f"- {labels.get(r['config'], r['config'])}: `{(env + ' ') if env else ''}{_shorten(r['argv'], raw)}`")
+    lines.append("")
+
+
+def _shorten(argv: list[str], raw: dict) -> str:
+    """argv with machine-specific paths and the port replaced by short names."""
+    paths = raw["meta"].get("paths", {})
+    text = re.sub(r"(127\.0\.0\.1:|--port )\d+", r"\1PORT", " ".join(argv))
+    text = re.sub(r"runtime-\d+", "runtime", text)
+    for name, path in sorted(paths.items(), key=lambda kv: -len(kv[1])):
+        if path:
+            text = text.replace(path, name)
+    return text
+
+
+def _load(values: list[float]) -> str:
+    return " / ".join(f"{v:.2f}" for v in values)
+
+
+def render(raw: dict, results_path: str) -> str:
+    meta = raw["meta"]
+    m = meta["machine"]
+    lines = ["# Benchmarks", ""]
+    if meta.get("provisional"):
+        lines += [f"> **Provisional:** {meta['provisional']}", ""]
+    lines += [
+        "Generated by `bench/run` (the harness is in `bench/`); regenerate this page from the saved "
+        f"raw results with `bench/report {results_path}`.",
+        "",
+        "Command:",
+        "",
+        "```sh",
+        meta["command"],
+        "```",
+        "",
+        f"Measured {meta['started']} – {meta['finished']} (UTC).",
+        "",
+        "## Machine and versions",
+        "",
+        f"- {m['nproc']} CPUs ({m['cpu_model']}), {m['mem_total_mib']:,} MiB RAM, Linux {m['kernel']}, {m['os']}",
+        f"- load average (1, 5, 15 min) at start {_load(meta['loadavg_start'])}, at end {_load(meta['loadavg_end'])}",
+        "- `$VENV` is the bench venv (`${FORKSCOPE_CACHE:-~/.cache/forkscope}/bench-venv`), `$TMP` a scratch directory",
+    ]
+    v = meta["versions"]
+    order = ["forkscope-server", "forkscope-commit", "gunicorn", "granian", "uwsgi", "flask", "werkzeug", "python", "wrk"]
+    lines.append("- " + ", ".join(f"{k} {v[k]}" for k in order if k in v))
+    lines.append("")
+    _throughput_section(raw, lines)
+    _memory_section(raw, lines)
+    lines += [
+        "## Method",
+        "",
+        "- Every server binds 127.0.0.1 with the same worker count and is started fresh for each "
+        "measurement, from an empty working directory; readiness is polled (port open, then a 200 "
+        "answer), never a fixed sleep; a short wrk warm-up precedes the measured run; the server is "
+        "stopped by PID afterwards.",
+        "- Servers are interleaved: each round runs every server once per app and worker count, in "
+        "an order that rotates from round to round, so slow drifts of the machine hit all servers "
+        "alike. Tables quote the median over the rounds (requests/s, p50 and p99 separately).",
+        "- wrk runs on the same machine as the server and competes with it for the same "
+        f"{m['nproc']} cores, so absolute numbers are lower than on a dedicated client; the ratios "
+        "are what carries over.",
+        "- gunicorn's sync worker closes the connection after each response and uWSGI's "
+        "`--http-socket` does not keep connections alive, so wrk reconnects for every request to "
+        "them; the other servers keep connections alive.",
+        "- Latency percentiles are wrk's (`--latency`), which measures from the moment each "
+        "request is sent on an open connection.",
+        "",
+    ]
+    notes = meta.get("notes") or []
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)
+
+
+def write(results_path: Path, out: Path, root: Path) -> None:
+    raw = json.loads(results_path.read_text())
+    try:
+        shown = str(results_path.resolve().relative_to(root))
+    except ValueError:
+        shown = str(results_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(raw, shown))

@@ -1,0 +1,148 @@
+"""The command line of every server and configuration the benchmark compares.
+
+A server is started with the same worker count, on 127.0.0.1, from an empty working directory
+(so no server picks up a stray config file) with the app directory given by its own option.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+# Environment variables that would change a server's settings behind the harness' back.
+_DROPPED_ENV_PREFIXES = ("FORKSCOPE_", "GUNICORN_", "GRANIAN_", "UWSGI_")
+_DROPPED_ENV = {"WEB_CONCURRENCY", "PYTHONPATH", "PYTHONHOME", "PORT"}
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where things are: the venv with the servers, the apps, forkscope's binary, a scratch dir."""
+
+    venv: Path
+    apps: Path
+    bench: Path
+    forkscope: Path | None
+    scratch: Path
+    host: str = "127.0.0.1"
+
+    def bin(self, name: str) -> str:
+        return str(self.venv / "bin" / name)
+
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """The inherited environment, cleaned of server settings, with the bench venv active."""
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in _DROPPED_ENV
+            and (k == "FORKSCOPE_CACHE" or not k.startswith(_DROPPED_ENV_PREFIXES))
+        }
+        env["VIRTUAL_ENV"] = str(self.venv)
+        env["PATH"] = f"{self.venv / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}"
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        if extra:
+            env.update(extra)
+        return env
+
+
+@dataclass(frozen=True)
+class Server:
+    """One server configuration: `argv(ctx, module_app, workers, port)` builds its command."""
+
+    key: str
+    label: str
+    family: str
+    argv: Callable[[Context, str, int, int], list[str]]
+    extra_env: tuple[tuple[str, str], ...] = ()
+
+
+def _gunicorn(*flags: str):
+    def build(ctx: Context, app: str, workers: int, port: int) -> list[str]:
+        return [
+            ctx.bin("gunicorn"), "-w", str(workers), "-b", f"{ctx.host}:{port}",
+            "--chdir", str(ctx.apps), *flags, app,
+        ]  # fmt: skip
+
+    return build
+
+
+def _granian(ctx: Context, app: str, workers: int, port: int) -> list[str]:
+    return [
+        ctx.bin("granian"), "--interface", "wsgi", "--host", ctx.host, "--port", str(port),
+        "--workers", str(workers), "--working-dir", str(ctx.apps), "--log-level", "warning", app,
+    ]  # fmt: skip
+
+
+def _uwsgi(ctx: Context, app: str, workers: int, port: int) -> list[str]:
+    return [
+        ctx.bin("uwsgi"), "--http-socket", f"{ctx.host}:{port}", "--master",
+        "--processes", str(workers), "--disable-logging", "--die-on-term", "--need-app",
+        "--home", str(ctx.venv), "--chdir", str(ctx.apps), "--module", app,
+    ]  # fmt: skip
+
+
+def _forkscope(*flags: str):
+    def build(ctx: Context, app: str, workers: int, port: int) -> list[str]:
+        if ctx.forkscope is None:
+            raise RuntimeError("forkscope-server was not built")
+        return [
+            str(ctx.forkscope), "-w", str(workers), "-b", f"{ctx.host}:{port}",
+            "--chdir", str(ctx.apps), "--runtime-dir", str(ctx.scratch / f"runtime-{port}"),
+            *flags, app,
+        ]  # fmt: skip
+
+    return build
+
+
+# Throughput: the baseline (ratios are to it) comes first.
+BASELINE = "gunicorn-sync"
+THROUGHPUT_SERVERS = [
+    Server("gunicorn-sync", "gunicorn sync", "gunicorn", _gunicorn()),
+    Server("gunicorn-gthread", "gunicorn gthread --threads 4", "gunicorn",
+           _gunicorn("-k", "gthread", "--threads", "4")),
+    Server("granian", "granian --interface wsgi", "granian", _granian),
+    Server("uwsgi", "uWSGI --http-socket", "uwsgi", _uwsgi),
+    Server("forkscope", "forkscope-server", "forkscope", _forkscope()),
+    Server("forkscope-threads", "forkscope-server --threads 4", "forkscope",
+           _forkscope("--threads", "4")),
+]  # fmt: skip
+
+# Memory: leader + 4 workers serving bench/apps/bigmem.py.
+MEMORY_CONFIGS = [
+    Server("gunicorn", "gunicorn", "gunicorn", _gunicorn()),
+    Server("gunicorn-preload", "gunicorn --preload", "gunicorn", _gunicorn("--preload")),
+    Server("gunicorn-preload-freeze", "gunicorn --preload + gc.freeze() in a pre_fork hook",
+           "gunicorn", _gunicorn("--preload", "-c", "@BENCH@/gunicorn_gc_freeze.py")),
+    Server("forkscope", "forkscope-server", "forkscope", _forkscope()),
+    Server("forkscope-preload", "forkscope-server --preload (gc.freeze by default)", "forkscope",
+           _forkscope("--preload")),
+    Server("forkscope-preload-nofreeze", "forkscope-server --preload --no-gc-freeze", "forkscope",
+           _forkscope("--preload", "--no-gc-freeze")),
+    Server("uwsgi-preload", "uWSGI (imports in the master)", "uwsgi", _uwsgi),
+    Server("uwsgi-preload-freeze", "uWSGI + gc.freeze() at the end of the app's import", "uwsgi",
+           _uwsgi, (("BENCH_GC_FREEZE_AT_IMPORT", "1"),)),
+]  # fmt: skip
+
+
+def command(server: Server, ctx: Context, app: str, workers: int, port: int) -> list[str]:
+    """The final argv (placeholders such as @BENCH@ resolved)."""
+    return [a.replace("@BENCH@", str(ctx.bench)) for a in server.argv(ctx, app, workers, port)]
+
+
+def select(servers: list[Server], wanted: list[str] | None, by_family: bool = False) -> list[Server]:
+    """Filter by `--servers`: a token names a key, a key prefix before '-', or a family.
+
+    With `by_family` (the memory table, whose rows are not the throughput servers) a token
+    such as `gunicorn-sync` selects every configuration of its family (`gunicorn`).
+    """
+    if not wanted:
+        return list(servers)
+    out = []
+    for s in servers:
+        for tok in wanted:
+            family = tok.split("-")[0] if by_family else tok
+            if s.key == tok or s.key.startswith(tok + "-") or family == s.family:
+                out.append(s)
+                break
+    return out
