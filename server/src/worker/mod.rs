@@ -1,23 +1,23 @@
 //! One worker process: the event loop, its connections, and request dispatch to the app.
 //!
-//! A single `mio` loop on the main thread owns every socket. It accepts, reads and parses
-//! without the GIL, so idle keep-alive connections and slow clients cost nothing while requests
-//! run. A complete request goes to the app:
-//! - with `--threads 1`, inline on the loop thread (no hand-off: the fast path);
-//! - with `--threads N`, to a pool of N Python threads, which write the response themselves
-//!   and hand the connection back through a channel and a `mio::Waker`.
+//! Each of the worker's `--threads` threads runs its own `mio` event loop over the shared
+//! listening sockets. A loop accepts, reads and parses without the GIL, so idle keep-alive
+//! connections and slow clients cost nothing, and runs each complete request inline: the
+//! thread that parsed a request calls the app, with no hand-off between threads (a hand-off
+//! per request cost more than a hello-world request itself). A thread busy in a long request
+//! does not accept, so new clients go to the others; its own keep-alive clients wait for it.
+//! The main thread's loop also watches CPython's signal wakeup fd.
 //!
-//! The loop beats the leader's heartbeat on every turn, unless a request has been running for
-//! longer than `--timeout`: then the leader notices the silence and aborts the worker.
+//! Every loop beats the leader's heartbeat on each turn, unless some request has been running
+//! for longer than `--timeout`: then the leader notices the silence and aborts the worker.
 
 pub mod conn;
-pub mod pool;
 pub mod signals;
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener as MioTcpListener, UnixListener as MioUnixListener};
@@ -59,7 +59,7 @@ impl WorkerExit {
 /// The values the worker loop needs, resolved from the settings by the leader.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    /// Python threads that run requests (1 = inline on the loop thread).
+    /// Threads, each with its own event loop, that run requests (the main thread is one).
     pub threads: usize,
     /// How long an idle keep-alive connection stays open.
     pub keepalive: Duration,
@@ -87,13 +87,61 @@ pub struct Identity {
 }
 
 const WAKEUP: Token = Token(usize::MAX - 1);
-const POOL_DONE: Token = Token(usize::MAX - 2);
+const STOP: Token = Token(usize::MAX - 2);
 const FIRST_CONN: usize = 1 << 20;
 
-/// Runs the worker's event loop until it stops. The GIL is held on entry and on return.
+/// What the loops of one worker share.
+struct Shared {
+    config: WorkerConfig,
+    id: Identity,
+    wsgi: Wsgi,
+    /// Requests served by all loops (for `--max-requests`).
+    served: AtomicU64,
+    /// Stop accepting and exit once in-flight requests are done.
+    stopping: AtomicBool,
+    /// Exit now (quick stop).
+    exit_now: AtomicBool,
+    /// When each loop's current request started (monotonic ms; 0 = none).
+    busy_since: Vec<AtomicU64>,
+    /// Wakes each loop when `stopping` or `exit_now` changes.
+    wakers: Vec<mio::Waker>,
+}
+
+impl Shared {
+    fn wake_all(&self) {
+        for w in &self.wakers {
+            let _ = w.wake();
+        }
+    }
+
+    fn begin_stop(&self, why: &str) {
+        if !self.stopping.swap(true, Ordering::SeqCst) {
+            log::debug!("worker {} stopping: {why}", std::process::id());
+            self.wake_all();
+        }
+    }
+
+    /// Beats unless some request has been running for longer than `--timeout`.
+    fn beat(&self) {
+        let timeout_ms = self.config.timeout.as_millis() as u64;
+        if timeout_ms > 0 {
+            let now = crate::heartbeat::now_ms();
+            let stuck = self.busy_since.iter().any(|b| {
+                let t = b.load(Ordering::Relaxed);
+                t != 0 && now.saturating_sub(t) > timeout_ms
+            });
+            if stuck {
+                return;
+            }
+        }
+        self.id.heartbeats.beat(self.id.slot);
+    }
+}
+
+/// Runs the worker's event loops until it stops. The GIL is held on entry and on return.
 ///
 /// # Errors
-/// The poller cannot be created or a listener cannot be registered.
+/// A poller cannot be created or a listener cannot be registered.
 pub fn serve(
     py: Python<'_>,
     id: Identity,
@@ -102,10 +150,59 @@ pub fn serve(
     wsgi: Wsgi,
     wakeup: OwnedFd,
 ) -> std::io::Result<WorkerExit> {
-    let wsgi = Arc::new(wsgi);
+    let threads = config.threads.max(1);
+    let mut polls = Vec::with_capacity(threads);
+    let mut wakers = Vec::with_capacity(threads);
+    for _ in 0..threads {
+        let poll = Poll::new()?;
+        wakers.push(mio::Waker::new(poll.registry(), STOP)?);
+        polls.push(poll);
+    }
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        id,
+        wsgi,
+        served: AtomicU64::new(0),
+        stopping: AtomicBool::new(false),
+        exit_now: AtomicBool::new(false),
+        busy_since: (0..threads).map(|_| AtomicU64::new(0)).collect(),
+        wakers,
+    });
+    let mut loops = Vec::with_capacity(threads);
+    for (index, poll) in polls.into_iter().enumerate() {
+        let wakeup = (index == 0).then(|| wakeup.try_clone()).transpose()?;
+        loops.push(EventLoop::new(
+            index,
+            poll,
+            Arc::clone(&shared),
+            listeners,
+            wakeup,
+        )?);
+    }
+    drop(wakeup);
     py.detach(|| {
-        let mut event_loop = EventLoop::new(id, config, listeners, wsgi, wakeup)?;
-        event_loop.run()
+        let mut loops = loops.into_iter();
+        let mut main = loops.next().expect("at least one loop");
+        let others: Vec<_> = loops
+            .enumerate()
+            .filter_map(|(i, mut l)| {
+                std::thread::Builder::new()
+                    .name(format!("loop-{}", i + 1))
+                    .spawn(move || l.run())
+                    .map_err(|e| log::error!("cannot start request thread {}: {e}", i + 1))
+                    .ok()
+            })
+            .collect();
+        let exit = main.run();
+        if shared.exit_now.load(Ordering::SeqCst) {
+            // Quick stop: threads stuck in requests are not waited for.
+            return exit;
+        }
+        shared.begin_stop("main loop ended");
+        for t in others {
+            let _ = t.join();
+        }
+        exit
     })
 }
 
@@ -123,33 +220,29 @@ impl Accepting {
     }
 }
 
-struct EventLoop<'a> {
-    id: Identity,
-    config: &'a WorkerConfig,
+/// One thread's loop: its own poller, connections and copies of the listeners.
+struct EventLoop {
+    index: usize,
+    shared: Arc<Shared>,
     poll: Poll,
     listeners: Vec<Accepting>,
     accepting: bool,
-    wakeup: OwnedFd,
+    /// CPython's signal wakeup fd (main loop only).
+    wakeup: Option<OwnedFd>,
     conns: HashMap<usize, Conn>,
     next_key: usize,
-    wsgi: Arc<Wsgi>,
-    pool: Option<pool::Pool>,
-    /// When each connection's in-flight request started (threaded mode).
-    busy_since: HashMap<usize, Instant>,
-    served: u64,
-    stopping: bool,
+    max_connections: usize,
     last_sweep: Instant,
 }
 
-impl<'a> EventLoop<'a> {
+impl EventLoop {
     fn new(
-        id: Identity,
-        config: &'a WorkerConfig,
+        index: usize,
+        poll: Poll,
+        shared: Arc<Shared>,
         listeners: &[Listener],
-        wsgi: Arc<Wsgi>,
-        wakeup: OwnedFd,
+        wakeup: Option<OwnedFd>,
     ) -> std::io::Result<Self> {
-        let poll = Poll::new()?;
         let mut accepting = Vec::new();
         for (i, l) in listeners.iter().enumerate() {
             let mut a = match l {
@@ -168,31 +261,21 @@ impl<'a> EventLoop<'a> {
                 .register(a.source(), Token(i), Interest::READABLE)?;
             accepting.push(a);
         }
-        poll.registry().register(
-            &mut SourceFd(&wakeup.as_raw_fd()),
-            WAKEUP,
-            Interest::READABLE,
-        )?;
-        let pool = if config.threads > 1 {
-            let waker = Arc::new(mio::Waker::new(poll.registry(), POOL_DONE)?);
-            Some(pool::Pool::start(config.threads, Arc::clone(&wsgi), waker))
-        } else {
-            None
-        };
+        if let Some(fd) = &wakeup {
+            poll.registry()
+                .register(&mut SourceFd(&fd.as_raw_fd()), WAKEUP, Interest::READABLE)?;
+        }
+        let max_connections = (shared.config.max_connections / shared.config.threads.max(1)).max(1);
         Ok(Self {
-            id,
-            config,
+            index,
+            shared,
             poll,
             listeners: accepting,
             accepting: true,
             wakeup,
             conns: HashMap::new(),
             next_key: FIRST_CONN,
-            wsgi,
-            pool,
-            busy_since: HashMap::new(),
-            served: 0,
-            stopping: false,
+            max_connections,
             last_sweep: Instant::now(),
         })
     }
@@ -200,14 +283,20 @@ impl<'a> EventLoop<'a> {
     fn run(&mut self) -> std::io::Result<WorkerExit> {
         let mut events = Events::with_capacity(1024);
         loop {
-            self.beat();
-            if self.stopping && self.drained() {
+            self.shared.beat();
+            if self.shared.exit_now.load(Ordering::Relaxed) {
                 return Ok(WorkerExit::Normal);
             }
-            let wait = if self.stopping {
-                Duration::from_millis(100)
-            } else {
+            if self.shared.stopping.load(Ordering::Relaxed) {
+                self.stop_accepting();
+                if self.drained() {
+                    return Ok(WorkerExit::Normal);
+                }
+            }
+            let wait = if self.accepting {
                 Duration::from_secs(1)
+            } else {
+                Duration::from_millis(100)
             };
             match self.poll.poll(&mut events, Some(wait)) {
                 Ok(()) => {}
@@ -218,10 +307,12 @@ impl<'a> EventLoop<'a> {
                 match event.token() {
                     WAKEUP => {
                         if self.on_signals() {
+                            self.shared.exit_now.store(true, Ordering::SeqCst);
+                            self.shared.wake_all();
                             return Ok(WorkerExit::Normal);
                         }
                     }
-                    POOL_DONE => self.collect_pool(),
+                    STOP => {}
                     Token(i) if i < FIRST_CONN => self.accept(i),
                     Token(key) => {
                         if (event.is_readable() || event.is_read_closed() || event.is_error())
@@ -229,14 +320,15 @@ impl<'a> EventLoop<'a> {
                         {
                             conn.readable();
                         }
-                        if self.drive(key) {
-                            return Ok(WorkerExit::Normal);
-                        }
+                        self.drive(key);
                     }
+                }
+                if self.shared.exit_now.load(Ordering::Relaxed) {
+                    return Ok(WorkerExit::Normal);
                 }
             }
             if signals::GRACEFUL_STOP.load(Ordering::Relaxed) {
-                self.begin_stop("received TERM");
+                self.shared.begin_stop("received TERM");
             }
             if self.last_sweep.elapsed() >= Duration::from_secs(1) {
                 self.sweep();
@@ -244,28 +336,18 @@ impl<'a> EventLoop<'a> {
         }
     }
 
-    /// Beats unless a threaded request has been running for longer than `--timeout`.
-    fn beat(&self) {
-        let stuck = !self.config.timeout.is_zero()
-            && self
-                .busy_since
-                .values()
-                .any(|t| t.elapsed() > self.config.timeout);
-        if !stuck {
-            self.id.heartbeats.beat(self.id.slot);
-        }
-    }
-
     fn drained(&self) -> bool {
         self.conns
             .values()
-            .all(|c| !c.is_busy() && !c.mid_request() && c.out.is_empty())
+            .all(|c| !c.mid_request() && c.out.is_empty())
     }
 
     /// Runs the Python-level handlers of pending signals. Returns true to exit now.
     fn on_signals(&mut self) -> bool {
-        let mut buf = [0u8; 64];
-        while matches!(nix::unistd::read(&self.wakeup, &mut buf), Ok(n) if n > 0) {}
+        if let Some(fd) = &self.wakeup {
+            let mut buf = [0u8; 64];
+            while matches!(nix::unistd::read(fd, &mut buf), Ok(n) if n > 0) {}
+        }
         let result = Python::attach(|py| {
             py.check_signals()
                 .map_err(|e| (e.is_instance_of::<pyo3::exceptions::PySystemExit>(py), e))
@@ -284,21 +366,20 @@ impl<'a> EventLoop<'a> {
             if let Err(e) = crate::logging::reopen() {
                 log::error!("cannot reopen log files: {e}");
             }
-            self.wsgi.reopen_access_log();
+            self.shared.wsgi.reopen_access_log();
         }
         false
     }
 
-    fn begin_stop(&mut self, why: &str) {
-        if self.stopping {
+    /// Deregisters the listeners and closes idle connections (once).
+    fn stop_accepting(&mut self) {
+        if !self.accepting {
             return;
         }
-        self.stopping = true;
-        log::debug!("worker {} stopping: {why}", std::process::id());
+        self.accepting = false;
         for l in &mut self.listeners {
             let _ = self.poll.registry().deregister(l.source());
         }
-        self.accepting = false;
         let idle: Vec<usize> = self
             .conns
             .iter()
@@ -311,12 +392,12 @@ impl<'a> EventLoop<'a> {
     }
 
     fn accept(&mut self, index: usize) {
-        while self.accepting && self.conns.len() < self.config.max_connections {
+        while self.accepting && self.conns.len() < self.max_connections {
             let accepted = match &self.listeners[index] {
                 Accepting::Tcp(l) => l.accept().map(|(s, remote)| {
                     let _ = s.set_nodelay(true);
                     let local = s.local_addr().ok();
-                    let trusted = self.config.trusted.allows(Some(remote.ip()));
+                    let trusted = self.shared.config.trusted.allows(Some(remote.ip()));
                     (
                         Stream::Tcp(s),
                         Peer {
@@ -355,10 +436,7 @@ impl<'a> EventLoop<'a> {
                         continue;
                     }
                     self.conns.insert(key, conn);
-                    if self.drive(key) {
-                        // A quick-stop signal arrived while serving: handled on the next turn.
-                        signals::GRACEFUL_STOP.store(true, Ordering::SeqCst);
-                    }
+                    self.drive(key);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -371,98 +449,75 @@ impl<'a> EventLoop<'a> {
         }
     }
 
-    /// Moves one connection forward. Returns true when the worker must exit now.
-    fn drive(&mut self, key: usize) -> bool {
+    /// Moves one connection forward, running the requests it completes.
+    fn drive(&mut self, key: usize) {
         loop {
             let Some(conn) = self.conns.get_mut(&key) else {
-                return false;
+                return;
             };
-            match conn.advance(&self.config.limits) {
-                Next::Wait => return false,
+            match conn.advance(&self.shared.config.limits) {
+                Next::Wait => return,
                 Next::Close => {
                     self.close(key);
-                    return false;
+                    return;
                 }
                 Next::Dispatch(req) => {
                     let fd = conn.stream.fd();
                     let pending = std::mem::take(&mut conn.out);
-                    if let Some(pool) = &self.pool {
-                        self.busy_since.insert(key, Instant::now());
-                        pool.submit(pool::Job {
-                            key,
-                            req,
-                            fd,
-                            pending,
-                        });
-                        return false;
-                    }
-                    let done = Python::attach(|py| self.wsgi.handle(py, req, fd, pending));
-                    if self.complete(key, done) {
-                        return true;
+                    let busy = &self.shared.busy_since[self.index];
+                    busy.store(crate::heartbeat::now_ms(), Ordering::Relaxed);
+                    let done = Python::attach(|py| self.shared.wsgi.handle(py, req, fd, pending));
+                    busy.store(0, Ordering::Relaxed);
+                    if !self.complete(key, done) {
+                        return;
                     }
                 }
             }
         }
     }
 
-    /// Books a finished request. Returns true when the worker must exit now.
+    /// Books a finished request. Returns false when the worker must exit now.
     fn complete(&mut self, key: usize, done: Completion) -> bool {
-        self.served += 1;
-        let retire = self.config.max_requests > 0 && self.served >= self.config.max_requests;
+        let served = self.shared.served.fetch_add(1, Ordering::Relaxed) + 1;
+        let max = self.shared.config.max_requests;
+        let retire = max > 0 && served >= max;
+        let stopping = self.shared.stopping.load(Ordering::Relaxed);
         if let Some(conn) = self.conns.get_mut(&key) {
-            conn.finish_request(done.keep_alive && !self.stopping && !retire, done.pending);
+            conn.finish_request(done.keep_alive && !stopping && !retire, done.pending);
         }
         if done.exit {
-            return true;
+            self.shared.exit_now.store(true, Ordering::SeqCst);
+            self.shared.wake_all();
+            return false;
         }
-        if retire && !self.stopping {
+        if retire && served == max {
             log::info!("Autorestarting worker after current request.");
-            self.begin_stop("max requests");
+            self.shared.begin_stop("max requests");
         }
-        false
-    }
-
-    fn collect_pool(&mut self) {
-        let finished = match &self.pool {
-            Some(pool) => pool.finished(),
-            None => Vec::new(),
-        };
-        for (key, done) in finished {
-            self.busy_since.remove(&key);
-            let exit = done.exit;
-            self.complete(key, done);
-            if exit {
-                self.begin_stop("SystemExit in a request");
-            }
-            // Edge-triggered: bytes that arrived while the app ran produced no new event.
-            self.drive(key);
-        }
+        true
     }
 
     fn close(&mut self, key: usize) {
         if let Some(mut conn) = self.conns.remove(&key) {
             let _ = self.poll.registry().deregister(conn.stream.source());
         }
-        self.busy_since.remove(&key);
     }
 
     /// Closes idle keep-alive connections and clients too slow to send a request.
     fn sweep(&mut self) {
         self.last_sweep = Instant::now();
-        let keepalive = self.config.keepalive;
-        let slow = if self.config.timeout.is_zero() {
+        let keepalive = self.shared.config.keepalive;
+        let slow = if self.shared.config.timeout.is_zero() {
             Duration::from_secs(30)
         } else {
-            self.config.timeout
+            self.shared.config.timeout
         };
         let expired: Vec<usize> = self
             .conns
             .iter()
             .filter(|(_, c)| {
                 let quiet = c.last_active.elapsed();
-                if c.is_busy() {
-                    false
-                } else if c.is_idle() {
+                if c.is_idle() {
                     quiet > keepalive.max(Duration::from_millis(100))
                 } else {
                     quiet > slow
