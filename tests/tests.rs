@@ -3,6 +3,7 @@
 mod differential;
 mod frameworks;
 mod http;
+mod options;
 mod prefork;
 mod profiler;
 mod wsgi;

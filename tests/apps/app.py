@@ -107,6 +107,10 @@ def app(environ, start_response):
             status, body = "504 Gateway Timeout", b"alone"
         start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
         return [body]
+    if path == "/osenv":
+        body = os.environ.get(q.get("k", ""), "<unset>").encode()
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]
     if path == "/thread":
         body = threading.current_thread().name.encode()
         start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
