@@ -91,6 +91,9 @@ def main_run(argv: list[str]) -> int:
             forkscope = environment.build_forkscope(ROOT)
 
     notes: list[str] = []
+    if forkscope is not None and args.no_build:
+        notes.append("forkscope-server was not rebuilt for this run (--no-build): the binary may "
+                     "not match the commit named above; its build time is given instead.")
     skipped = []
     if forkscope is not None and not environment.forkscope_has_flag(forkscope, "--no-gc-freeze"):
         mem_configs = [c for c in mem_configs if c.key != "forkscope-preload-nofreeze"]

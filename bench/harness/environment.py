@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -115,6 +116,8 @@ def versions(venv: Path, wrk: str, forkscope: Path | None, root: Path) -> dict[s
             ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
         ).stdout.strip()
         out["forkscope-commit"] = commit or "unknown"
+        built = datetime.datetime.fromtimestamp(forkscope.stat().st_mtime, datetime.timezone.utc)
+        out["forkscope-binary-built"] = built.strftime("%Y-%m-%d %H:%M:%S UTC")
     return out
 
 

@@ -86,6 +86,56 @@ def pss_kib(pid: int) -> int | None:
     return None
 
 
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of one process in clock ticks (0 when it is gone)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    rest = raw[raw.rfind(")") + 2 :].split()
+    return int(rest[11]) + int(rest[12])
+
+
+def machine_busy_ticks() -> int:
+    """Busy clock ticks of all CPUs since boot: user, nice, system and steal of /proc/stat.
+
+    irq and softirq are left out: the loopback traffic of the benchmark itself is processed
+    there and is charged to no process, so counting it would blame the machine for our own work.
+    """
+    f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    # user nice system idle iowait irq softirq steal [guest guest_nice, already in user/nice]
+    return f[0] + f[1] + f[2] + f[7]
+
+
+class OtherCpu:
+    """How much CPU the rest of the machine used while a measurement ran, as a share of all CPUs.
+
+    Busy ticks of the machine minus those of the measured processes (the server's tree, and the
+    harness' own children such as wrk, which are counted when reaped): a noisy machine shows here.
+    """
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.t0 = time.monotonic()
+        self.busy0 = machine_busy_ticks()
+        self.own0 = sum(cpu_ticks(p) for p in pids) + _children_ticks()
+
+    def share(self) -> float:
+        hz = os.sysconf("SC_CLK_TCK")
+        elapsed = time.monotonic() - self.t0
+        busy = machine_busy_ticks() - self.busy0
+        own = sum(cpu_ticks(p) for p in self.pids) + _children_ticks() - self.own0
+        capacity = elapsed * hz * (os.cpu_count() or 1)
+        return max(0.0, (busy - own) / capacity) if capacity > 0 else 0.0
+
+
+def _children_ticks() -> int:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return round((ru.ru_utime + ru.ru_stime) * os.sysconf("SC_CLK_TCK"))
+
+
 def loadavg() -> list[float]:
     """The 1, 5 and 15 minute load averages (how busy the machine was around a measurement)."""
     return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]

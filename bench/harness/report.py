@@ -122,6 +122,14 @@ def _throughput_section(raw: dict, lines: list[str]) -> None:
         first = next(x for x in samples if x["server"] == server.key)
         lines.append(f"- {server.label}: `{_shorten(first['argv'], raw)}`")
     lines.append("")
+    others = sorted(x["other_cpu"] for x in samples if "other_cpu" in x)
+    if others:
+        lines += [
+            "CPU used by other processes on the machine during the measured wrk runs (share of all "
+            f"CPUs): median {statistics.median(others):.0%}, largest {others[-1]:.0%}. "
+            "A quiet machine shows a few percent at most.",
+            "",
+        ]
     _goals(summary, workers, present, lines)
 
 
@@ -256,7 +264,7 @@ def render(raw: dict, results_path: str) -> str:
         "- `$VENV` is the bench venv (`${FORKSCOPE_CACHE:-~/.cache/forkscope}/bench-venv`), `$TMP` a scratch directory",
     ]
     v = meta["versions"]
-    order = ["forkscope-server", "forkscope-commit", "gunicorn", "granian", "uwsgi", "flask", "werkzeug", "python", "wrk"]
+    order = ["forkscope-server", "forkscope-commit", "forkscope-binary-built", "gunicorn", "granian", "uwsgi", "flask", "werkzeug", "python", "wrk"]
     lines.append("- " + ", ".join(f"{k} {v[k]}" for k in order if k in v))
     lines.append("")
     _throughput_section(raw, lines)

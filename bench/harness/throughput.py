@@ -28,13 +28,15 @@ class App:
     path: str = "/"
     wrk_script: str | None = None  # relative to bench/
     probe_body: bytes | None = None
+    expect: bytes | None = None  # the body a correct answer to the probe carries
 
 
 APPS = [
-    App("hello", "hello world (13-byte body)", "hello:app"),
-    App("big", "64 KiB response", "big:app"),
-    App("echo", "POST echo (1 KiB body)", "echo:app", "POST", "/", "wrk/post.lua", b"probe"),
-    App("flask", "Flask hello", "flask_hello:app"),
+    App("hello", "hello world (13-byte body)", "hello:app", expect=b"Hello, World!"),
+    App("big", "64 KiB response", "big:app", expect=bytes(range(256)) * 256),
+    App("echo", "POST echo (1 KiB body)", "echo:app", "POST", "/", "wrk/post.lua",
+        b"probe-" * 200, b"probe-" * 200),
+    App("flask", "Flask hello", "flask_hello:app", expect=b"Hello, World!"),
 ]
 
 
@@ -104,6 +106,18 @@ def wrk_command(params: Params, app: App) -> str:
     )
 
 
+def _check_answer(running: processes.Running, app: App) -> None:
+    """A fast wrong answer must not pass for throughput: the probe's body is compared."""
+    status, body = processes.http_request(
+        running.host, running.port, app.path, app.method, app.probe_body
+    )
+    if status != 200 or (app.expect is not None and body != app.expect):
+        raise RuntimeError(
+            f"{running.name} answered {app.key} wrongly: status {status}, "
+            f"{len(body)} bytes {body[:60]!r}"
+        )
+
+
 def measure_one(
     ctx: servers.Context, wrk: str, server: servers.Server, app: App, workers: int, params: Params
 ) -> dict[str, object]:
@@ -124,12 +138,16 @@ def measure_one(
         started = time.monotonic()
         running.wait_ok(app.path, app.method, app.probe_body, started + 120)
         sample["ready_s"] = round(time.monotonic() - started, 3)
+        _check_answer(running, app)
         url = f"http://{ctx.host}:{port}{app.path}"
         script = ctx.bench / app.wrk_script if app.wrk_script else None
         if params.warmup > 0:
             run_wrk(wrk, url, params.warmup, params, script)
         running.check_alive()
+        running.remember_children()
+        other = processes.OtherCpu([running.pid, *running.seen])
         text = run_wrk(wrk, url, params.duration, params, script)
+        sample["other_cpu"] = round(other.share(), 4)
         running.check_alive()
         sample.update(parse_wrk(text))
         sample["wrk_output"] = text
