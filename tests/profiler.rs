@@ -538,3 +538,72 @@ fn profiler_documented_schemas_are_current() {
         );
     }
 }
+
+/// An idle worker answers `stacks` from its event loop: the main thread is listed, current,
+/// with no Python frames.
+#[test]
+fn profiler_stacks_of_an_idle_worker() {
+    let server = ServerBuilder::new("leaky:app").start();
+    let (_, pid) = worker_pids(&server)[0];
+    send(&server, pid, &command("idle", Action::Stacks));
+    let Outcome::Stacks { threads } = await_result(&server, pid, "idle", Action::Stacks).outcome
+    else {
+        panic!("expected stacks");
+    };
+    let main = &threads[0];
+    assert_eq!(main.name, "MainThread", "{threads:?}");
+    assert!(main.current && main.frames.is_empty(), "{main:?}");
+}
+
+/// With `--threads`, requests run on several threads: marks from request threads and captures
+/// from the doorbell see the same session, and the leak is found.
+#[test]
+fn profiler_threaded_worker() {
+    let server = ServerBuilder::new("leaky:app")
+        .args(&["--threads", "4"])
+        .start();
+    let (_, pid) = worker_pids(&server)[0];
+    send(&server, pid, &command("t", Action::Start));
+    await_result(&server, pid, "t", Action::Start);
+    let addr = server.addr;
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            thread::spawn(move || {
+                for _ in 0..25 {
+                    assert_eq!(request(addr, "GET", "/leak", &[], b"").status, 200);
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().expect("client");
+    }
+    let path = PathBuf::from(get(&server, "/mark?label=threads"));
+    assert_leak_on_top(&heap_diff(await_path(&server, &path)), 100);
+    send(&server, pid, &command("t", Action::Capture));
+    assert_leak_on_top(
+        &heap_diff(await_result(&server, pid, "t", Action::Capture)),
+        100,
+    );
+}
+
+/// A worker retiring at `--max-requests` while tracing leaves an exit result too.
+#[test]
+fn profiler_worker_retiring_while_tracing() {
+    let server = ServerBuilder::new("leaky:app")
+        .args(&["--max-requests", "20"])
+        .start();
+    let (slot, pid) = worker_pids(&server)[0];
+    send(&server, pid, &command("retire", Action::Start));
+    await_result(&server, pid, "retire", Action::Start);
+    // The start itself served no request: the next 20 retire the worker.
+    for _ in 0..20 {
+        get(&server, "/leak");
+    }
+    let r = await_result(&server, pid, "retire", Action::Exit);
+    assert!(
+        matches!(r.outcome, Outcome::ExitedWhileTracing { .. }),
+        "{r:?}"
+    );
+    assert_eq!((r.pid, r.slot), (pid as u32, slot));
+}
