@@ -31,7 +31,8 @@ etcd_bin() { echo "$BIN/etcd-$ETCD_VERSION"; }
 helm_bin() { echo "$BIN/helm-$HELM_VERSION"; }
 
 # kubectl: the machine's own when its minor version is within the supported skew (±1) of the
-# apiserver, else one built from the same kubernetes module as the apiserver.
+# apiserver, else one built from the same kubernetes module as the apiserver
+# (FORKSCOPE_SYSTEM_KUBECTL=0 forces the built one).
 kubectl_ok() {
   local minor want=${KUBE_VERSION#v1.}
   want=${want%%.*}
@@ -40,7 +41,7 @@ kubectl_ok() {
 }
 kubectl_bin() {
   local system
-  if system=$(command -v kubectl) && kubectl_ok "$system"; then
+  if [[ ${FORKSCOPE_SYSTEM_KUBECTL:-1} != 0 ]] && system=$(command -v kubectl) && kubectl_ok "$system"; then
     echo "$system"
   else
     echo "$BIN/kubectl-$KUBE_VERSION"

@@ -59,8 +59,17 @@ fn ensure_success(what: &str, output: &std::process::Output) -> anyhow::Result<(
 async fn committed_crd_installs_with_kubectl_and_becomes_established() -> anyhow::Result<()> {
     let client = cluster::client().await?;
     let yaml = cluster::repo_path("crds/profilerequests.forkscope.dev.yaml");
-    let applied = cluster::kubectl(["apply".as_ref(), "-f".as_ref(), yaml.as_os_str()]).await?;
-    ensure_success("kubectl apply -f crds/", &applied)?;
+    // Server-side apply, as recommended for CRDs: create-or-update in one request, so it cannot
+    // race with the other tests installing the same CRD (client-side apply does GET, then POST).
+    let applied = cluster::kubectl([
+        "apply".as_ref(),
+        "--server-side".as_ref(),
+        "--force-conflicts".as_ref(),
+        "-f".as_ref(),
+        yaml.as_os_str(),
+    ])
+    .await?;
+    ensure_success("kubectl apply --server-side -f crds/", &applied)?;
 
     let crd = crds::await_established(&client, CRD_NAME).await?;
     ensure!(
