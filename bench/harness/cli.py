@@ -70,6 +70,10 @@ def main_run(argv: list[str]) -> int:
     if unknown:
         log(f"unknown apps: {', '.join(sorted(unknown))}")
         return 2
+    for tok in args.servers or []:
+        if not servers.select(servers.THROUGHPUT_SERVERS + servers.MEMORY_CONFIGS, [tok], by_family=True):
+            log(f"--servers: {tok!r} names no server")
+            return 2
     tp_servers = servers.select(servers.THROUGHPUT_SERVERS, args.servers)
     mem_configs = servers.select(servers.MEMORY_CONFIGS, args.servers, by_family=True)
     if args.only == "memory":

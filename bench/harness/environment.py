@@ -111,7 +111,9 @@ def versions(venv: Path, wrk: str, forkscope: Path | None, root: Path) -> dict[s
     m = re.match(r"wrk\s+(\S+)", wrk_line)
     out["wrk"] = m.group(1) if m else wrk_line
     if forkscope is not None:
-        out["forkscope-server"] = _first_line([str(forkscope), "--version"])
+        out["forkscope-server"] = _first_line([str(forkscope), "--version"]).removeprefix(
+            "forkscope-server "
+        )
         commit = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
         ).stdout.strip()
