@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::process::Output;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use kube::api::{ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
@@ -36,27 +37,95 @@ pub fn kubeconfig_path() -> Result<PathBuf> {
     kubeconfig_path_from(std::env::var_os(KUBECONFIG_ENV))
 }
 
-/// A kube-rs client for the control plane, authenticated as its admin user.
+/// The kube-rs configuration of the control plane's admin user (client certificate in group
+/// `system:masters`).
 ///
 /// # Errors
 /// [`Error::NoControlPlane`] without a control plane; [`Error::Kubeconfig`] when its
 /// kubeconfig is unusable.
-pub async fn client() -> Result<Client> {
+pub async fn admin_config() -> Result<Config> {
     let path = kubeconfig_path()?;
     let kubeconfig_error = |source| Error::Kubeconfig {
         path: path.clone(),
         source,
     };
     let kubeconfig = Kubeconfig::read_from(&path).map_err(kubeconfig_error)?;
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+    Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
-        .map_err(kubeconfig_error)?;
+        .map_err(kubeconfig_error)
+}
+
+/// A kube-rs client for the control plane, authenticated as its admin user.
+///
+/// # Errors
+/// As [`admin_config`].
+pub async fn client() -> Result<Client> {
+    Ok(Client::try_from(admin_config().await?)?)
+}
+
+/// A client authenticated as the ServiceAccount `NAMESPACE/NAME` (created when missing) with a
+/// short-lived token from the TokenRequest API, so tests can prove what an RBAC Role allows
+/// (e.g. the operator's) instead of running everything as cluster-admin.
+///
+/// # Errors
+/// The apiserver's error.
+pub async fn service_account_client(admin: &Client, namespace: &str, name: &str) -> Result<Client> {
+    let accounts = Api::<ServiceAccount>::namespaced(admin.clone(), namespace);
+    if accounts.get_opt(name).await?.is_none() {
+        let account = ServiceAccount {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                ..ObjectMeta::default()
+            },
+            ..ServiceAccount::default()
+        };
+        accounts.create(&PostParams::default(), &account).await?;
+    }
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            expiration_seconds: Some(3600),
+            ..TokenRequestSpec::default()
+        },
+        ..TokenRequest::default()
+    };
+    let token = accounts
+        .create_token_request(name, &PostParams::default(), &request)
+        .await?
+        .status
+        .map(|status| status.token)
+        .unwrap_or_default();
+    let mut config = admin_config().await?;
+    config.auth_info = serde_json::from_value(serde_json::json!({ "token": token }))
+        .expect("an AuthInfo holding only a token deserializes");
     Ok(Client::try_from(config)?)
 }
 
 /// The `kubectl` the control-plane script chose (`FORKSCOPE_KUBECTL`), else the one on `PATH`.
 pub fn kubectl_program() -> OsString {
     std::env::var_os("FORKSCOPE_KUBECTL").unwrap_or_else(|| "kubectl".into())
+}
+
+/// Runs PROGRAM ARGS with `KUBECONFIG` pointing at the control plane (for helm and the like)
+/// and returns its output, whatever its exit status.
+///
+/// # Errors
+/// [`Error::NoControlPlane`] without a control plane; [`Error::Spawn`] when it cannot run.
+pub async fn run_tool<I, S>(program: &std::ffi::OsStr, args: I) -> Result<Output>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    tokio::process::Command::new(program)
+        .args(args)
+        .env("KUBECONFIG", kubeconfig_path()?)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|source| Error::Spawn {
+            program: program.to_string_lossy().into_owned(),
+            source,
+        })
 }
 
 /// Runs `kubectl ARGS` against the control plane and returns its output (whatever its exit
@@ -69,18 +138,7 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
-    let program = kubectl_program();
-    tokio::process::Command::new(&program)
-        .args(args)
-        .env("KUBECONFIG", kubeconfig_path()?)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|source| Error::Spawn {
-            program: program.to_string_lossy().into_owned(),
-            source,
-        })
+    run_tool(&kubectl_program(), args).await
 }
 
 /// Path of a file in the repository (the workspace root), e.g. `examples/profilerequest.yaml`.

@@ -9,6 +9,8 @@
 
 mod crd;
 mod kubelet_harness;
+mod rbac;
+mod toolchain;
 
 use forkscope_e2e::{cluster, crds};
 use kube::Client;
