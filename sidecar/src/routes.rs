@@ -1,0 +1,226 @@
+//! The HTTP surface: `/v1/...` behind the bearer token, `/healthz`, `/readyz`, `/metrics`
+//! outside it; JSON bodies size-limited, every error a JSON [`crate::api::ErrorBody`].
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router, middleware};
+use serde::de::DeserializeOwned;
+
+use crate::api::{
+    Health, LeaderActionResult, LeaderSelector, ProcessList, ProfileRequest, ScaleRequest, Session,
+    SessionList,
+};
+use crate::error::ApiError;
+use crate::signals::Signal;
+use crate::{AppState, auth, leader, openapi};
+
+/// The largest request body accepted, bytes.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// A JSON request body: an empty body reads as `{}`; anything malformed is a 400, anything
+/// over [`BODY_LIMIT`] a 413, both as JSON errors.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge(BODY_LIMIT)
+            } else {
+                ApiError::InvalidRequest(rejection.body_text())
+            }
+        })?;
+        let text: &[u8] = if bytes.trim_ascii().is_empty() {
+            b"{}"
+        } else {
+            &bytes
+        };
+        serde_json::from_slice(text)
+            .map(JsonBody)
+            .map_err(|e| ApiError::InvalidRequest(format!("invalid JSON body: {e}")))
+    }
+}
+
+/// Builds the router over `state`.
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/openapi.json", get(openapi_doc))
+        .route("/processes", get(processes))
+        .route("/profiles", post(start_profile).get(list_profiles))
+        .route("/profiles/{id}", get(get_profile).delete(cancel_profile))
+        .route("/profiles/{id}/capture", post(capture_profile))
+        .route("/leader/reload", post(reload))
+        .route("/leader/workers", put(scale))
+        .route("/leader/reopen-logs", post(reopen_logs))
+        .fallback(not_found)
+        .route_layer(middleware::from_fn_with_state(
+            state.token.clone(),
+            auth::require_token,
+        ));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .nest("/v1", v1)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such route".into())
+}
+
+async fn method_not_allowed() -> Response {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        Json(crate::api::ErrorBody {
+            code: "method_not_allowed".into(),
+            reason: "method not allowed on this route".into(),
+            holder: None,
+        }),
+    )
+        .into_response()
+}
+
+async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        checks: Default::default(),
+    })
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let mut checks = std::collections::BTreeMap::new();
+    let mut ready = true;
+    let proc_ok = std::fs::read_dir(state.source.root()).is_ok();
+    checks.insert(
+        "proc".to_owned(),
+        if proc_ok { "ok" } else { "unreadable" }.to_owned(),
+    );
+    ready &= proc_ok;
+    let runtime_ok = state.runtime.root().is_dir();
+    checks.insert(
+        "runtime_dir".to_owned(),
+        if runtime_ok { "ok" } else { "missing" }.to_owned(),
+    );
+    ready &= runtime_ok;
+    let recovered = state.sessions.recovered();
+    checks.insert(
+        "orphan_recovery".to_owned(),
+        if recovered { "done" } else { "running" }.to_owned(),
+    );
+    ready &= recovered;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = Health {
+        status: if ready { "ok" } else { "not ready" }.into(),
+        checks,
+    };
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let metrics = state.metrics.clone();
+    let text = tokio::task::spawn_blocking(move || metrics.render())
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+async fn openapi_doc() -> Json<serde_json::Value> {
+    Json(openapi::document())
+}
+
+async fn processes(State(state): State<AppState>) -> Result<Json<ProcessList>, ApiError> {
+    let source = state.source.clone();
+    tokio::task::spawn_blocking(move || source.list())
+        .await
+        .map(Json)
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+async fn start_profile(
+    State(state): State<AppState>,
+    JsonBody(req): JsonBody<ProfileRequest>,
+) -> Result<(StatusCode, Json<Session>), ApiError> {
+    let session = state.sessions.start(req)?;
+    Ok((StatusCode::CREATED, Json(session)))
+}
+
+async fn list_profiles(State(state): State<AppState>) -> Json<SessionList> {
+    Json(state.sessions.list())
+}
+
+async fn get_profile(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Session>, ApiError> {
+    state.sessions.get(&id).map(Json)
+}
+
+async fn cancel_profile(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Session>, ApiError> {
+    state.sessions.cancel(&id).await.map(Json)
+}
+
+async fn capture_profile(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Session>), ApiError> {
+    let session = state.sessions.capture(&id)?;
+    Ok((StatusCode::ACCEPTED, Json(session)))
+}
+
+async fn reload(
+    State(state): State<AppState>,
+    JsonBody(sel): JsonBody<LeaderSelector>,
+) -> Result<Json<LeaderActionResult>, ApiError> {
+    leader::signal_once(&state.source, sel.leader_pid, Signal::Hup).map(Json)
+}
+
+async fn reopen_logs(
+    State(state): State<AppState>,
+    JsonBody(sel): JsonBody<LeaderSelector>,
+) -> Result<Json<LeaderActionResult>, ApiError> {
+    leader::signal_once(&state.source, sel.leader_pid, Signal::Usr1).map(Json)
+}
+
+async fn scale(
+    State(state): State<AppState>,
+    JsonBody(req): JsonBody<ScaleRequest>,
+) -> Result<Json<LeaderActionResult>, ApiError> {
+    let Ok(_guard) = state.scale_lock.clone().try_lock_owned() else {
+        return Err(ApiError::Conflict {
+            reason: "another worker-count change is in progress".into(),
+            holder: None,
+        });
+    };
+    leader::scale(&state.source, &req, std::time::Duration::from_millis(20))
+        .await
+        .map(Json)
+}
+
+/// Keeps `Arc` in scope for the state type.
+pub type ScaleLock = Arc<tokio::sync::Mutex<()>>;
