@@ -125,8 +125,12 @@ install_prometheus() {
 cmd_build() {
   command -v go >/dev/null || die "go is required to build the control plane"
   command -v openssl >/dev/null || die "openssl is required to start the control plane"
-  local total
+  local total lock
   total=$(date +%s)
+  # One build at a time per cache: other checkouts and engineers share it.
+  mkdir -p "$BIN"
+  exec {lock}>"$BIN/.build.lock"
+  flock "$lock"
   timed_build kube-apiserver "$(kube_apiserver_bin)" build_kube "$(kube_apiserver_bin)" k8s.io/kubernetes/cmd/kube-apiserver
   timed_build etcd "$(etcd_bin)" build_etcd "$(etcd_bin)"
   local kubectl
