@@ -1,0 +1,102 @@
+"""Unit tests of the harness' pure parts: wrk parsing, --servers selection, report rendering.
+
+Run: python3 -m unittest discover -s bench/tests
+"""
+
+import sys
+import unittest
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from harness import report, servers, throughput  # noqa: E402
+
+WRK = """Running 2s test @ http://127.0.0.1:35707/
+  1 threads and 32 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   694.54us  458.12us   1.20s    70.85%
+    Req/Sec    17.73k     2.61k   21.29k    61.90%
+  Latency Distribution
+     50%  640.00us
+     75%    0.91ms
+     90%    1.24ms
+     99%    2.16s
+  37076 requests in 2.10s, 2.76MB read
+  Socket errors: connect 0, read 37069, write 1, timeout 2
+  Non-2xx or 3xx responses: 5
+Requests/sec:  17650.41
+Transfer/sec:      1.31MB
+"""
+
+
+class ParseWrk(unittest.TestCase):
+    def test_fields_and_units(self):
+        r = throughput.parse_wrk(WRK)
+        self.assertEqual(r["rps"], 17650.41)
+        self.assertAlmostEqual(r["p50_ms"], 0.64)
+        self.assertAlmostEqual(r["p75_ms"], 0.91)
+        self.assertAlmostEqual(r["p99_ms"], 2160.0)
+        self.assertAlmostEqual(r["max_ms"], 1200.0)
+        self.assertEqual(r["requests"], 37076)
+        self.assertEqual(r["socket_errors"], {"connect": 0, "read": 37069, "write": 1, "timeout": 2})
+        self.assertEqual(r["non_2xx"], 5)
+
+    def test_missing_rate_is_an_error(self):
+        with self.assertRaises(ValueError):
+            throughput.parse_wrk("unable to connect to 127.0.0.1:1 Connection refused")
+
+
+class Select(unittest.TestCase):
+    def keys(self, wanted, by_family=False, table=servers.THROUGHPUT_SERVERS):
+        return [s.key for s in servers.select(table, wanted, by_family)]
+
+    def test_prefix_and_exact(self):
+        self.assertEqual(self.keys(["gunicorn"]), ["gunicorn-sync", "gunicorn-gthread"])
+        self.assertEqual(self.keys(["gunicorn-sync"]), ["gunicorn-sync"])
+        self.assertEqual(self.keys(["forkscope"]), ["forkscope", "forkscope-threads"])
+
+    def test_memory_by_family(self):
+        got = self.keys(["gunicorn-sync"], True, servers.MEMORY_CONFIGS)
+        self.assertEqual(got, ["gunicorn", "gunicorn-preload", "gunicorn-preload-freeze"])
+        self.assertEqual(self.keys(["granian"], True, servers.MEMORY_CONFIGS), [])
+
+
+def _sample(server, rnd, rps, app="hello", workers=1):
+    return {"server": server, "app": app, "workers": workers, "round": rnd, "rps": rps,
+            "p50_ms": 1.0, "p99_ms": 2.0, "socket_errors": {}, "non_2xx": 0,
+            "argv": ["/venv/bin/x", "-b", "127.0.0.1:4242"], "other_cpu": 0.01}  # fmt: skip
+
+
+class Render(unittest.TestCase):
+    def raw(self):
+        snap = {"leader": {"pid": 1, "pss_kib": 10240},
+                "workers": [{"pid": 2, "pss_kib": 40960}], "total_kib": 51200}  # fmt: skip
+        return {
+            "meta": {
+                "command": "bench/run", "started": "s", "finished": "f", "provisional": None,
+                "params": {"duration": 10, "warmup": 3, "rounds": 3, "connections": 32,
+                           "wrk_threads": 1, "workers": [1]},
+                "machine": {"nproc": 2, "cpu_model": "cpu", "kernel": "k", "os": "os",
+                            "mem_total_mib": 1024},
+                "versions": {"gunicorn": "1"}, "loadavg_start": [0, 0, 0],
+                "loadavg_end": [0, 0, 0], "paths": {"$VENV": "/venv"},
+            },
+            "throughput": [_sample("gunicorn-sync", r, v) for r, v in ((1, 100), (2, 300), (3, 200))]
+            + [_sample("granian", r, v) for r, v in ((1, 1000), (2, 900), (3, 5000))]
+            + [_sample("forkscope", r, v) for r, v in ((1, 1200), (2, 1300), (3, 1250))],
+            "memory": [{"config": "forkscope-preload", "argv": ["x"], "env": {},
+                        "phases": {"idle": snap, "after_requests": snap, "after_gc": snap},
+                        "workers_stable": True}],
+        }  # fmt: skip
+
+    def test_medians_ratios_and_goals(self):
+        text = report.render(self.raw(), "bench/results/x.json")
+        self.assertIn("| gunicorn sync | 200 | 1.00× |", text)
+        self.assertIn("| granian --interface wsgi | 1,000 | 5.00× |", text)  # median, not mean
+        self.assertIn("| hello | 1 | 1.25× |", text)  # forkscope / granian
+        self.assertIn("$VENV/bin/x -b 127.0.0.1:PORT", text)
+        self.assertIn("50 MiB, meets it", text)
+
+
+if __name__ == "__main__":
+    unittest.main()
