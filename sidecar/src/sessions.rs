@@ -722,6 +722,11 @@ impl Sessions {
         let runtime = &self.inner.runtime;
         let source = &self.inner.source;
         let dir = runtime.process_dir(key.pid);
+        let exit_path = runtime.result(key.pid, &cmd.request_id, Action::Exit);
+        if source.lookup(key).is_none() {
+            // The leader removes a dead worker's folder unless it holds results.
+            return Err(self.exited(key, &exit_path));
+        }
         if !dir.is_dir() {
             return Err(ExchangeError::Failed(format!(
                 "{} does not exist: is the runtime directory shared with the server (same --runtime-dir)?",
@@ -729,7 +734,6 @@ impl Sessions {
             )));
         }
         let result_path = runtime.result(key.pid, &cmd.request_id, cmd.action);
-        let exit_path = runtime.result(key.pid, &cmd.request_id, Action::Exit);
         let _ = std::fs::remove_file(&result_path);
         let command_path = runtime.command(key.pid);
         if let Err(e) = write_json_atomic(&command_path, cmd) {

@@ -1,0 +1,219 @@
+//! A real gunicorn from PyPI: discovery by setproctitle titles and by command line, memory equal
+//! to the kernel's smaps_rollup, and leader management (TTIN/TTOU/HUP) through the API.
+
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use forkscope_sidecar::api::{ScaleRequest, ServerKind};
+use forkscope_tests::{apps_dir, procs, venv, wait_for};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::util::{Sidecar, eventually, rollup};
+
+/// A gunicorn master started by the test (the spawned process is the master).
+struct Gunicorn {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Gunicorn {
+    /// `gunicorn -w N -b 127.0.0.1:0 app:app`; `titles: false` hides setproctitle from it.
+    fn start(workers: u32, titles: bool) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("gunicorn.log");
+        let mut cmd = Command::new(venv().join("bin/gunicorn"));
+        cmd.args(["-b", "127.0.0.1:0", "-w", &workers.to_string(), "--chdir"])
+            .arg(apps_dir())
+            .arg("--error-logfile")
+            .arg(&log)
+            .arg("app:app")
+            .env_remove("WEB_CONCURRENCY")
+            .env_remove("GUNICORN_CMD_ARGS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if !titles {
+            // A module that shadows setproctitle and refuses to import: gunicorn then keeps
+            // the interpreter's command line, as in images without setproctitle.
+            let shadow = dir.path().join("shadow");
+            std::fs::create_dir_all(&shadow).expect("mkdir");
+            std::fs::write(
+                shadow.join("setproctitle.py"),
+                "raise ImportError('hidden by the test')\n",
+            )
+            .expect("write");
+            cmd.env("PYTHONPATH", &shadow);
+        }
+        let child = cmd.spawn().expect("spawn gunicorn");
+        let g = Gunicorn { child, _dir: dir };
+        let addr = wait_for("gunicorn's Listening line", Duration::from_secs(60), || {
+            let text = std::fs::read_to_string(&log).ok()?;
+            let rest = text.split("Listening at: http://").nth(1)?;
+            rest.split_whitespace()
+                .next()?
+                .parse::<std::net::SocketAddr>()
+                .ok()
+        });
+        wait_for("every gunicorn worker", Duration::from_secs(60), || {
+            (procs::children(g.pid() as i32).len() == workers as usize).then_some(())
+        });
+        wait_for("gunicorn to accept", Duration::from_secs(30), || {
+            TcpStream::connect(addr).ok()
+        });
+        g
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Gunicorn {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        for _ in 0..500 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Asserts the API's memory for `pid` equals the kernel's, retrying while the process's memory
+/// moves between the two reads.
+async fn memory_matches_kernel(sidecar: &Sidecar, pid: u32) {
+    let client = sidecar.client();
+    eventually(
+        "a stable smaps_rollup read",
+        Duration::from_secs(30),
+        || {
+            let client = client.clone();
+            async move {
+                let before = rollup(pid)?;
+                let list = client.processes().await.ok()?;
+                let after = rollup(pid)?;
+                if before != after {
+                    return None;
+                }
+                let view = list
+                    .leaders
+                    .iter()
+                    .flat_map(|l| std::iter::once(&l.leader).chain(&l.workers))
+                    .find(|p| p.pid == pid)?;
+                let m = view.memory.expect("memory of a live process");
+                let get = |k: &str| before.get(k).copied().unwrap_or(0);
+                assert_eq!(m.pss_bytes, get("Pss"), "Pss of {pid}");
+                assert_eq!(m.rss_bytes, get("Rss"), "Rss of {pid}");
+                assert_eq!(
+                    m.uss_bytes,
+                    get("Private_Clean") + get("Private_Dirty"),
+                    "USS of {pid}"
+                );
+                assert_eq!(
+                    m.shared_bytes,
+                    get("Shared_Clean") + get("Shared_Dirty"),
+                    "shared of {pid}"
+                );
+                assert_eq!(m.swap_bytes, get("Swap"), "Swap of {pid}");
+                Some(())
+            }
+        },
+    )
+    .await;
+}
+
+async fn discovers(titles: bool) {
+    let g = Gunicorn::start(2, titles);
+    let runtime = tempfile::tempdir().expect("runtime");
+    let sidecar = Sidecar::start(runtime.path(), &[]);
+    let list = sidecar.client().processes().await.expect("processes");
+    let leader = list
+        .leaders
+        .iter()
+        .find(|l| l.leader.pid == g.pid())
+        .unwrap_or_else(|| panic!("gunicorn {} not found in {list:#?}", g.pid()));
+    assert_eq!(leader.server, ServerKind::Gunicorn);
+    assert_eq!(leader.app, "app:app");
+    if titles {
+        assert_eq!(leader.leader.title, "gunicorn: master [app:app]");
+    } else {
+        assert!(leader.leader.title.contains("bin/gunicorn"), "{leader:?}");
+    }
+    let mut want: Vec<u32> = procs::children(g.pid() as i32)
+        .into_iter()
+        .map(|p| p as u32)
+        .collect();
+    want.sort_unstable();
+    let mut got: Vec<u32> = leader.workers.iter().map(|w| w.pid).collect();
+    got.sort_unstable();
+    assert_eq!(got, want);
+    // Age ranks 0 and 1, oldest first.
+    let slots: Vec<Option<u32>> = leader.workers.iter().map(|w| w.slot).collect();
+    assert_eq!(slots, vec![Some(0), Some(1)]);
+    assert!(leader.workers[0].start_ticks <= leader.workers[1].start_ticks);
+    assert!(leader.leader.cpu_seconds > 0.0, "python start-up costs CPU");
+    let now = forkscope_sidecar::sessions::unix_now();
+    assert!(leader.leader.started_at > now - 600.0 && leader.leader.started_at <= now + 1.0);
+    memory_matches_kernel(&sidecar, g.pid()).await;
+    for w in &leader.workers {
+        memory_matches_kernel(&sidecar, w.pid).await;
+    }
+}
+
+#[tokio::test]
+async fn gunicorn_with_setproctitle_is_discovered_with_kernel_memory() {
+    discovers(true).await;
+}
+
+#[tokio::test]
+async fn gunicorn_without_setproctitle_is_discovered_by_command_line() {
+    discovers(false).await;
+}
+
+#[tokio::test]
+async fn gunicorn_is_scaled_and_reloaded_through_the_api() {
+    let g = Gunicorn::start(1, true);
+    let runtime = tempfile::tempdir().expect("runtime");
+    let sidecar = Sidecar::start(runtime.path(), &[]);
+    let client = sidecar.client();
+    let leader = Some(g.pid());
+    let up = client
+        .set_workers(&ScaleRequest {
+            leader_pid: leader,
+            workers: 3,
+            timeout_seconds: Some(60.0),
+        })
+        .await
+        .expect("scale up");
+    assert_eq!(up.workers, 3);
+    assert_eq!(up.signal, "SIGTTIN");
+    assert_eq!(up.signals_sent, 2);
+    assert_eq!(procs::children(g.pid() as i32).len(), 3);
+    let down = client
+        .set_workers(&ScaleRequest {
+            leader_pid: leader,
+            workers: 1,
+            timeout_seconds: Some(60.0),
+        })
+        .await
+        .expect("scale down");
+    assert_eq!((down.workers, down.signal.as_str()), (1, "SIGTTOU"));
+    wait_for(
+        "gunicorn to have one worker",
+        Duration::from_secs(30),
+        || (procs::children(g.pid() as i32).len() == 1).then_some(()),
+    );
+    let before = procs::children(g.pid() as i32);
+    let reload = client.reload(leader).await.expect("reload");
+    assert_eq!(reload.signal, "SIGHUP");
+    // HUP replaces every worker.
+    wait_for("a new worker after HUP", Duration::from_secs(60), || {
+        let now = procs::children(g.pid() as i32);
+        (now.len() == 1 && now != before).then_some(())
+    });
+}

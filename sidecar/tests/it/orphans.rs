@@ -1,0 +1,81 @@
+//! A sidecar that dies mid-session: its successor reports the session as orphaned and stops
+//! the tracing it left in the workers.
+
+use std::time::Duration;
+
+use forkscope_sidecar::api::{SessionState, WorkerState};
+use forkscope_tests::ServerBuilder;
+
+use crate::util::{Sidecar, eventually, heap_diff};
+
+#[tokio::test]
+async fn a_restarted_sidecar_stops_and_reports_the_orphaned_session() {
+    let server = ServerBuilder::new("leaky:app").workers(2).start();
+    let mut first = Sidecar::start(&server.runtime, &[]);
+    let client = first.client();
+    let s = client
+        .start_profile(&heap_diff(&server, None))
+        .await
+        .expect("start");
+    eventually("tracing", Duration::from_secs(30), || {
+        let client = client.clone();
+        let id = s.id.clone();
+        async move {
+            let now = client.profile(&id).await.ok()?;
+            (now.state == SessionState::Tracing).then_some(())
+        }
+    })
+    .await;
+    first.kill();
+    let second = first.restart(&server.runtime);
+    let client = second.client();
+    // /readyz (waited for by start) turns ready only after recovery, so the session is there.
+    let list = client.profiles().await.expect("list");
+    let orphan = list
+        .sessions
+        .iter()
+        .find(|x| x.id == s.id)
+        .unwrap_or_else(|| panic!("session {} not reported: {list:#?}", s.id));
+    assert_eq!(orphan.state, SessionState::Orphaned, "{orphan:#?}");
+    assert!(
+        orphan
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("earlier sidecar")
+    );
+    assert!(
+        orphan
+            .workers
+            .iter()
+            .all(|w| w.state == WorkerState::Stopped),
+        "{orphan:#?}"
+    );
+    // The workers are free again and no longer tracing: a new session can start in both.
+    let next = client
+        .start_profile(&heap_diff(&server, None))
+        .await
+        .expect("start after recovery");
+    let tracing = eventually("tracing again", Duration::from_secs(30), || {
+        let client = client.clone();
+        let id = next.id.clone();
+        async move {
+            let now = client.profile(&id).await.ok()?;
+            assert!(!now.state.is_final(), "{now:#?}");
+            (now.state == SessionState::Tracing).then_some(now)
+        }
+    })
+    .await;
+    assert!(
+        tracing
+            .workers
+            .iter()
+            .all(|w| w.state == WorkerState::Tracing)
+    );
+    client.cancel(&next.id).await.expect("cancel");
+    let metrics = client.metrics_text().await.expect("metrics");
+    assert!(
+        metrics.contains("forkscope_profile_sessions_total{outcome=\"orphaned\"} 1"),
+        "{metrics}"
+    );
+}
