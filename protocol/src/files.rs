@@ -134,8 +134,10 @@ mod tests {
             read_json_limited::<Command>(&path, 1024),
             Err(FileError::Json { .. })
         ));
-        assert!(read_json_limited::<Command>(&dir.path().join("missing"), 10)
-            .expect_err("missing")
-            .is_not_found());
+        assert!(
+            read_json_limited::<Command>(&dir.path().join("missing"), 10)
+                .expect_err("missing")
+                .is_not_found()
+        );
     }
 }
