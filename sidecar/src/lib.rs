@@ -105,7 +105,8 @@ impl AppState {
 }
 
 /// Serves the API on `listener` until `shutdown` completes; first starts recovering the
-/// sessions an earlier sidecar process left behind (`/readyz` says when that is done).
+/// sessions an earlier sidecar process left behind (`/readyz` says when that is done), and at
+/// the end cancels the sessions still running, so tracing stops with the sidecar.
 ///
 /// # Errors
 /// I/O errors of the listener.
@@ -115,8 +116,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let sessions = state.sessions.clone();
-    tokio::spawn(async move { sessions.recover_orphans().await });
-    axum::serve(listener, app(state))
+    let recovery = sessions.clone();
+    tokio::spawn(async move { recovery.recover_orphans().await });
+    let served = axum::serve(listener, app(state))
         .with_graceful_shutdown(shutdown)
-        .await
+        .await;
+    // Tracing must not outlive the sidecar: stop what still runs.
+    sessions.cancel_all().await;
+    served
 }

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{Gauge, GaugeVec, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{CounterVec, Gauge, GaugeVec, IntCounterVec, Opts, Registry, TextEncoder};
 
 use crate::api::{ServerKind, SessionState};
 use crate::discovery::{ProcSource, ProcessKey, Snapshot};
@@ -54,11 +54,6 @@ fn templates() -> Vec<(&'static str, &'static str, Vec<&'static str>)> {
             PROCESS_LABELS.to_vec(),
         ),
         (
-            "forkscope_process_cpu_seconds_total",
-            "User plus system CPU time of a leader or worker, seconds.",
-            PROCESS_LABELS.to_vec(),
-        ),
-        (
             "forkscope_process_start_time_seconds",
             "Start time of a leader or worker, seconds since the Unix epoch.",
             PROCESS_LABELS.to_vec(),
@@ -79,6 +74,18 @@ fn templates() -> Vec<(&'static str, &'static str, Vec<&'static str>)> {
             vec![],
         ),
     ]
+}
+
+/// CPU time is a counter (it only grows for one process); rebuilt each scrape from `/proc`.
+fn cpu_counter() -> CounterVec {
+    CounterVec::new(
+        Opts::new(
+            "forkscope_process_cpu_seconds_total",
+            "User plus system CPU time of a leader or worker, seconds.",
+        ),
+        &PROCESS_LABELS,
+    )
+    .expect("metric name and labels are constants")
 }
 
 /// Counts worker restarts between scans: a forkscope-server slot whose process changed, or a
@@ -156,7 +163,7 @@ impl ProcessCollector {
     /// A collector over `source`; worker restarts it detects are counted in `restarts`
     /// (labels `server`, `app`, `slot`).
     pub fn new(source: ProcSource, restarts: IntCounterVec) -> Self {
-        let descs = templates()
+        let mut descs: Vec<Desc> = templates()
             .into_iter()
             .flat_map(|(name, help, labels)| {
                 gauge_vec(name, help, &labels)
@@ -166,6 +173,7 @@ impl ProcessCollector {
                     .collect::<Vec<_>>()
             })
             .collect();
+        descs.extend(cpu_counter().desc().into_iter().cloned());
         Self {
             source,
             descs,
@@ -192,21 +200,10 @@ impl ProcessCollector {
             .into_iter()
             .map(|(name, help, labels)| gauge_vec(name, help, &labels))
             .collect();
-        let [
-            pss,
-            rss,
-            uss,
-            shared,
-            swap,
-            cpu,
-            start,
-            info,
-            workers,
-            duration,
-        ] = &vecs[..]
-        else {
-            unreachable!("templates() lists ten series")
+        let [pss, rss, uss, shared, swap, start, info, workers, duration] = &vecs[..] else {
+            unreachable!("templates() lists nine series")
         };
+        let cpu = cpu_counter();
         // One series per label set: when two processes share one (a slot mid-reload), the
         // newest wins; the info metric still lists both PIDs.
         let mut emitted: HashSet<[String; 4]> = HashSet::new();
@@ -238,7 +235,7 @@ impl ProcessCollector {
                     continue;
                 }
                 cpu.with_label_values(&labels)
-                    .set(self.source.cpu_seconds(found.cpu_ticks));
+                    .inc_by(self.source.cpu_seconds(found.cpu_ticks));
                 start
                     .with_label_values(&labels)
                     .set(self.source.started_at(found.key.start_ticks));
@@ -254,7 +251,9 @@ impl ProcessCollector {
         duration
             .with_label_values::<&str>(&[])
             .set(started.elapsed().as_secs_f64());
-        vecs.iter().flat_map(|v| v.collect()).collect()
+        let mut families: Vec<MetricFamily> = vecs.iter().flat_map(|v| v.collect()).collect();
+        families.extend(cpu.collect());
+        families
     }
 }
 

@@ -476,6 +476,26 @@ impl Sessions {
         self.get(id)
     }
 
+    /// Cancels every running session (at shutdown), so no worker keeps tracing after the
+    /// sidecar is gone; bounded by the result timeout per session.
+    pub async fn cancel_all(&self) {
+        let running: Vec<String> = self
+            .table()
+            .sessions
+            .iter()
+            .filter(|(_, e)| !e.session.state.is_final())
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut set = tokio::task::JoinSet::new();
+        for id in running {
+            let this = self.clone();
+            set.spawn(async move {
+                let _ = this.cancel(&id).await;
+            });
+        }
+        while set.join_next().await.is_some() {}
+    }
+
     /// Ends a session: final state, busy workers released, journal removed, outcome counted.
     fn finish(&self, id: &str, state: SessionState, error: Option<String>) {
         let control = {

@@ -79,3 +79,51 @@ async fn a_restarted_sidecar_stops_and_reports_the_orphaned_session() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn a_sidecar_stopped_with_sigterm_stops_its_sessions_first() {
+    let server = ServerBuilder::new("leaky:app").workers(2).start();
+    let mut first = Sidecar::start(&server.runtime, &[]);
+    let client = first.client();
+    let s = client
+        .start_profile(&heap_diff(&server, None))
+        .await
+        .expect("start");
+    eventually("tracing", Duration::from_secs(30), || {
+        let client = client.clone();
+        let id = s.id.clone();
+        async move {
+            let now = client.profile(&id).await.ok()?;
+            (now.state == SessionState::Tracing).then_some(())
+        }
+    })
+    .await;
+    assert!(first.terminate().success());
+    // Nothing is left to recover: the session was cancelled before the exit...
+    let second = first.restart(&server.runtime);
+    let client = second.client();
+    let list = client.profiles().await.expect("list");
+    assert!(list.sessions.is_empty(), "{list:#?}");
+    // ...and the workers stopped tracing: a new session starts in both.
+    let next = client
+        .start_profile(&heap_diff(&server, None))
+        .await
+        .expect("start");
+    let tracing = eventually("tracing again", Duration::from_secs(30), || {
+        let client = client.clone();
+        let id = next.id.clone();
+        async move {
+            let now = client.profile(&id).await.ok()?;
+            assert!(!now.state.is_final(), "{now:#?}");
+            (now.state == SessionState::Tracing).then_some(now)
+        }
+    })
+    .await;
+    assert!(
+        tracing
+            .workers
+            .iter()
+            .all(|w| w.state == WorkerState::Tracing)
+    );
+    client.cancel(&next.id).await.expect("cancel");
+}

@@ -106,6 +106,15 @@ impl Sidecar {
         }
     }
 
+    /// SIGTERM, as Kubernetes stops a container, and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("term");
+        wait_for("the sidecar to exit", Duration::from_secs(30), || {
+            child.try_wait().ok().flatten()
+        })
+    }
+
     fn assert_running(&mut self) {
         if let Some(child) = self.child.as_mut()
             && let Ok(Some(status)) = child.try_wait()
