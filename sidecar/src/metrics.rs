@@ -88,6 +88,9 @@ fn cpu_counter() -> CounterVec {
     .expect("metric name and labels are constants")
 }
 
+/// `(server, app, slot)` of a restart counter.
+type LabelSet = (ServerKind, String, String);
+
 /// Counts worker restarts between scans: a forkscope-server slot whose process changed, or a
 /// new gunicorn worker under a known leader whose worker count did not grow.
 #[derive(Default)]
@@ -97,9 +100,11 @@ struct RestartTracker {
 }
 
 impl RestartTracker {
-    /// Updates the tracker; returns `(server, app, slot)` for every restart seen.
-    fn observe(&mut self, snap: &Snapshot) -> Vec<(ServerKind, String, String)> {
+    /// Updates the tracker; returns `(server, app, slot)` for every restart seen, and every
+    /// label set seen (so each counter exists from 0 and `increase()` sees the first restart).
+    fn observe(&mut self, snap: &Snapshot) -> (Vec<LabelSet>, Vec<LabelSet>) {
         let mut restarts = Vec::new();
+        let mut labels = Vec::new();
         let mut seen_slots = HashSet::new();
         let mut seen_leaders = HashSet::new();
         for l in &snap.leaders {
@@ -117,6 +122,7 @@ impl RestartTracker {
                     }
                     for (slot, key) in newest {
                         seen_slots.insert((leader, slot));
+                        labels.push((l.server, app_label(&l.app), slot.to_string()));
                         let prev = self.slots.insert((leader, slot), key);
                         if prev.is_some_and(|p| p != key) {
                             restarts.push((l.server, app_label(&l.app), slot.to_string()));
@@ -124,6 +130,7 @@ impl RestartTracker {
                     }
                 }
                 ServerKind::Gunicorn => {
+                    labels.push((l.server, app_label(&l.app), String::new()));
                     let now: HashSet<ProcessKey> =
                         l.workers.iter().map(|w| w.process.key).collect();
                     if let Some((before, max)) = self.gunicorn.get(&leader) {
@@ -143,7 +150,7 @@ impl RestartTracker {
         }
         self.slots.retain(|k, _| seen_slots.contains(k));
         self.gunicorn.retain(|k, _| seen_leaders.contains(k));
-        restarts
+        (restarts, labels)
     }
 }
 
@@ -186,12 +193,16 @@ impl ProcessCollector {
     fn gather(&self) -> Vec<MetricFamily> {
         let started = Instant::now();
         let snap = self.source.scan();
-        for (server, app, slot) in self
+        let (restarts, labels) = self
             .tracker
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .observe(&snap)
-        {
+            .observe(&snap);
+        for (server, app, slot) in labels {
+            self.restarts
+                .with_label_values(&[server.as_str(), app.as_str(), slot.as_str()]);
+        }
+        for (server, app, slot) in restarts {
             self.restarts
                 .with_label_values(&[server.as_str(), app.as_str(), slot.as_str()])
                 .inc();
@@ -336,5 +347,83 @@ impl Metrics {
     /// When encoding fails (never for well-formed metrics).
     pub fn render(&self) -> Result<String, prometheus::Error> {
         TextEncoder::new().encode_to_string(&self.registry.gather())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::{Found, LeaderEntry, Title, WorkerEntry};
+
+    fn found(pid: u32, ticks: u64) -> Found {
+        Found {
+            key: ProcessKey {
+                pid,
+                start_ticks: ticks,
+            },
+            ppid: 1,
+            title: String::new(),
+            class: Title::Other,
+            cpu_ticks: 0,
+        }
+    }
+
+    fn snap(server: ServerKind, workers: &[(u32, u32, u64)]) -> Snapshot {
+        Snapshot {
+            leaders: vec![LeaderEntry {
+                server,
+                app: "a:a".into(),
+                leader: found(10, 1),
+                workers: workers
+                    .iter()
+                    .map(|(slot, pid, ticks)| WorkerEntry {
+                        process: found(*pid, *ticks),
+                        slot: *slot,
+                    })
+                    .collect(),
+            }],
+        }
+    }
+
+    #[test]
+    fn a_slot_whose_process_changed_is_a_restart_and_a_new_slot_is_not() {
+        let mut t = RestartTracker::default();
+        let (r, labels) = t.observe(&snap(ServerKind::Forkscope, &[(0, 11, 5), (1, 12, 5)]));
+        assert!(r.is_empty());
+        assert_eq!(labels.len(), 2);
+        let (r, _) = t.observe(&snap(
+            ServerKind::Forkscope,
+            &[(0, 11, 5), (1, 13, 9), (2, 14, 9)],
+        ));
+        assert_eq!(r, vec![(ServerKind::Forkscope, "a:a".into(), "1".into())]);
+        // Mid-reload the old and the new process of slot 0 coexist: the newest is tracked.
+        let (r, _) = t.observe(&snap(
+            ServerKind::Forkscope,
+            &[(0, 11, 5), (0, 15, 20), (1, 13, 9), (2, 14, 9)],
+        ));
+        assert_eq!(r.len(), 1);
+        let (r, _) = t.observe(&snap(
+            ServerKind::Forkscope,
+            &[(0, 15, 20), (1, 13, 9), (2, 14, 9)],
+        ));
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn gunicorn_counts_replacements_but_not_growth() {
+        let mut t = RestartTracker::default();
+        t.observe(&snap(ServerKind::Gunicorn, &[(0, 11, 5), (1, 12, 5)]));
+        // TTIN: one more worker, nothing replaced.
+        let (r, _) = t.observe(&snap(
+            ServerKind::Gunicorn,
+            &[(0, 11, 5), (1, 12, 5), (2, 13, 6)],
+        ));
+        assert!(r.is_empty());
+        // HUP: all three replaced.
+        let (r, _) = t.observe(&snap(
+            ServerKind::Gunicorn,
+            &[(0, 21, 9), (1, 22, 9), (2, 23, 9)],
+        ));
+        assert_eq!(r.len(), 3);
     }
 }

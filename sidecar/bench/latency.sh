@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Measures forkscope-sidecar with many workers: latency of GET /metrics and GET /v1/processes
+# (each a full /proc scan plus smaps_rollup of every leader and worker) and the sidecar's own
+# PSS. Usage: sidecar/bench/latency.sh [WORKERS] [REQUESTS]   (defaults 64 and 200)
+# Needs the debug binaries (cargo build -p forkscope-server -p forkscope-sidecar) and curl.
+# Everything listens on 127.0.0.1 and is stopped on exit.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+workers=${1:-64}
+requests=${2:-200}
+target=${CARGO_TARGET_DIR:-$root/target}
+venv=$("$root/scripts/python-env")
+tmp=$(mktemp -d)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+VIRTUAL_ENV=$venv "$target/debug/forkscope-server" -b 127.0.0.1:0 -w "$workers" \
+    --chdir "$root/tests/apps" --runtime-dir "$tmp/run" --error-logfile "$tmp/server.log" \
+    app:app >/dev/null 2>&1 &
+leader=$!
+pids+=("$leader")
+echo "waiting for $workers workers of leader $leader..." >&2
+for _ in $(seq 1 600); do
+    n=$( (ps -o pid= --ppid "$leader" || true) | wc -l)
+    [ "$n" -ge "$workers" ] && break
+    sleep 0.5
+done
+echo "$workers workers up" >&2
+
+echo "bench-$$" > "$tmp/token"
+"$target/debug/forkscope-sidecar" --listen 127.0.0.1:0 --runtime-dir "$tmp/run" \
+    --token-file "$tmp/token" 2> "$tmp/sidecar.log" &
+sidecar=$!
+pids+=("$sidecar")
+for _ in $(seq 1 100); do
+    addr=$(sed -n 's/.*listening on \([0-9.:]*\).*/\1/p' "$tmp/sidecar.log" | head -1)
+    [ -n "$addr" ] && break
+    sleep 0.1
+done
+
+measure() { # name, curl args...
+    local name=$1; shift
+    for _ in $(seq 1 "$requests"); do
+        curl -s -o /dev/null -w '%{time_total}\n' "$@"
+    done | sort -n | awk -v name="$name" '{ t[NR] = $1 * 1000 } END {
+        printf "%-16s n=%d  p50=%.2f ms  p95=%.2f ms  max=%.2f ms\n", name, NR,
+            t[int(NR * 0.5)], t[int(NR * 0.95)], t[NR] }'
+}
+series=$(curl -s "http://$addr/metrics" | grep -c '^forkscope_process_pss_bytes')
+leaders=$(curl -s -H "Authorization: Bearer bench-$$" "http://$addr/v1/processes" \
+    | python3 -c 'import json,sys; d=json.load(sys.stdin); print(len(d["leaders"]), sum(len(l["workers"]) for l in d["leaders"]))')
+echo "machine: $(nproc) cores; sidecar sees leaders/workers: $leaders; PSS series: $series"
+measure "/metrics" "http://$addr/metrics"
+measure "/v1/processes" -H "Authorization: Bearer bench-$$" "http://$addr/v1/processes"
+pss=$(awk '/^Pss:/ {print $2}' "/proc/$sidecar/smaps_rollup")
+rss=$(awk '/^Rss:/ {print $2}' "/proc/$sidecar/smaps_rollup")
+echo "sidecar PSS: ${pss} kB  RSS: ${rss} kB (debug build)"
