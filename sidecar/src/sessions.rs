@@ -783,8 +783,15 @@ impl Sessions {
                 return Err(self.exited(key, &exit_path));
             }
             if Instant::now() >= deadline {
-                // Withdraw the command so a late worker does not act on it unobserved.
-                let _ = std::fs::remove_file(&command_path);
+                // The doorbell is still pending in the worker (stopped, or stuck outside Python).
+                // Leave it a `stop` to find when it wakes: removing the file would make the late
+                // ring a bare toggle that starts tracing, and keeping `start` or `capture` would
+                // leave it tracing with nobody to stop it.
+                let mut late = Command::new(cmd.request_id.clone(), Action::Stop);
+                late.frames = cmd.frames;
+                if write_json_atomic(&command_path, &late).is_err() {
+                    let _ = std::fs::remove_file(&command_path);
+                }
                 return Err(ExchangeError::Failed(format!(
                     "no {} result within {:.1} s",
                     cmd.action.as_str(),

@@ -366,3 +366,106 @@ async fn unknown_slots_are_refused() {
         .expect("top 5 of 1 worker");
     assert_eq!(top.workers.len(), 1);
 }
+
+#[tokio::test]
+async fn a_worker_that_does_not_answer_times_out_and_is_left_a_stop() {
+    let server = leaky(2);
+    let sidecar = Sidecar::start(&server.runtime, &["--result-timeout", "1"]);
+    let client = sidecar.client();
+    let (frozen_slot, frozen) = server.workers()[0];
+    // A stopped process keeps the doorbell pending and cannot answer.
+    kill(Pid::from_raw(frozen), Signal::SIGSTOP).expect("stop");
+    let s = client.start_profile(&stacks(&server)).await.expect("start");
+    let done = wait_final(&client, &s.id).await;
+    let _ = kill(Pid::from_raw(frozen), Signal::SIGCONT);
+    assert_eq!(done.state, SessionState::Completed, "{done:#?}");
+    let stuck = done
+        .workers
+        .iter()
+        .find(|w| w.slot == Some(frozen_slot))
+        .expect("frozen worker");
+    assert_eq!(stuck.state, WorkerState::Failed);
+    assert!(
+        stuck
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("no stacks result"),
+        "{stuck:?}"
+    );
+    assert!(
+        done.workers
+            .iter()
+            .any(|w| w.state == WorkerState::Done && w.slot != Some(frozen_slot))
+    );
+    // Woken, the worker answers the pending ring with the harmless `stop` it was left, not a
+    // bare-doorbell toggle that would start tracing unobserved.
+    let results = server.runtime.join(frozen.to_string()).join("results");
+    let stop = results.join(format!("{}.stop.json", s.id));
+    wait_for("the late stop result", Duration::from_secs(30), || {
+        stop.exists().then_some(())
+    });
+    let names: Vec<String> = std::fs::read_dir(&results)
+        .expect("results")
+        .filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.starts_with("manual-")),
+        "a bare toggle ran: {names:?}"
+    );
+}
+
+#[tokio::test]
+async fn finished_sessions_are_kept_in_bounded_number() {
+    let server = leaky(1);
+    let sidecar = Sidecar::start(&server.runtime, &["--max-finished", "2"]);
+    let client = sidecar.client();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let s = client.start_profile(&stacks(&server)).await.expect("start");
+        assert_eq!(
+            wait_final(&client, &s.id).await.state,
+            SessionState::Completed
+        );
+        ids.push(s.id);
+    }
+    let listed: Vec<String> = client
+        .profiles()
+        .await
+        .expect("list")
+        .sessions
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(listed, ids[1..].to_vec());
+    let gone = client.profile(&ids[0]).await.expect_err("pruned");
+    assert_eq!(gone.status(), Some(StatusCode::NOT_FOUND));
+    let metrics = client.metrics_text().await.expect("metrics");
+    assert!(
+        metrics.contains("forkscope_profile_sessions_total{outcome=\"completed\"} 3"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn top_pss_picks_the_worker_that_grew() {
+    let server = leaky(2);
+    let sidecar = Sidecar::start(&server.runtime, &[]);
+    let client = sidecar.client();
+    let fat = server.workers()[1].1 as u32;
+    // About 6 MB more in one worker than in the other.
+    leak_on(&server, fat, 20);
+    let s = client
+        .start_profile(&ProfileRequest {
+            targets: Targets::TopPss { count: 1 },
+            ..stacks(&server)
+        })
+        .await
+        .expect("start");
+    assert_eq!(s.workers.len(), 1);
+    assert_eq!(s.workers[0].pid, fat, "{s:#?}");
+    assert_eq!(
+        wait_final(&client, &s.id).await.state,
+        SessionState::Completed
+    );
+}
