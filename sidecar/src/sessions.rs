@@ -936,13 +936,31 @@ impl Sessions {
                 },
             );
         }
+        // Only processes discovered as forkscope-server workers right now are rung: the
+        // journal is a file, not a licence to signal whatever PID it names.
+        let snap = self.inner.source.scan();
         let alive: Vec<ProcessKey> = workers
             .iter()
             .map(|(k, _)| *k)
-            .filter(|k| self.inner.source.lookup(*k).is_some())
+            .filter(|k| {
+                snap.worker(k.pid).is_some_and(|(l, w)| {
+                    l.server == crate::api::ServerKind::Forkscope && w.process.key == *k
+                })
+            })
             .collect();
         for (k, _) in &workers {
-            if !alive.contains(k) {
+            if alive.contains(k) {
+                // Rung below.
+            } else if self.inner.source.lookup(*k).is_some() {
+                self.record_failure(
+                    &id,
+                    *k,
+                    ExchangeError::Failed(format!(
+                        "process {} is not a forkscope-server worker now: not signalled",
+                        k.pid
+                    )),
+                );
+            } else {
                 // Collect what it may have written at exit, then forget it.
                 let exit = self.inner.runtime.result(k.pid, &id, Action::Exit);
                 let e = self.exited(*k, &exit);

@@ -127,3 +127,60 @@ async fn a_sidecar_stopped_with_sigterm_stops_its_sessions_first() {
     );
     client.cancel(&next.id).await.expect("cancel");
 }
+
+#[tokio::test]
+async fn a_journal_naming_a_process_that_is_no_worker_never_gets_it_signalled() {
+    let runtime = tempfile::tempdir().expect("runtime");
+    // SIGUSR2's default action ends a process: `sleep` would die if it were rung.
+    let mut bystander = std::process::Command::new("sleep")
+        .arg("120")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("sleep");
+    let pid = bystander.id();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let ticks: u64 = stat[stat.rfind(')').expect("comm") + 2..]
+        .split_whitespace()
+        .nth(19)
+        .expect("field 22")
+        .parse()
+        .expect("number");
+    // Its runtime folder exists too, as if it were a worker.
+    std::fs::create_dir_all(runtime.path().join(pid.to_string()).join("results")).expect("mkdir");
+    let journal = runtime.path().join("sidecar/sessions");
+    std::fs::create_dir_all(&journal).expect("mkdir");
+    let entry = serde_json::json!({
+        "id": "fs-planted",
+        "leader_pid": 1,
+        "created_at": 0.0,
+        "request": forkscope_sidecar::api::ProfileRequest::heap_diff(None),
+        "workers": [[pid, ticks, 0]],
+    });
+    std::fs::write(journal.join("fs-planted.json"), entry.to_string()).expect("write");
+    let sidecar = Sidecar::start(runtime.path(), &[]);
+    let session = sidecar
+        .client()
+        .profile("fs-planted")
+        .await
+        .expect("reported");
+    assert_eq!(session.state, SessionState::Orphaned);
+    assert_eq!(
+        session.workers[0].state,
+        WorkerState::Failed,
+        "{session:#?}"
+    );
+    assert!(
+        session.workers[0]
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("not signalled")
+    );
+    assert!(!journal.join("fs-planted.json").exists());
+    assert!(
+        forkscope_tests::procs::alive(pid as i32),
+        "the bystander was signalled"
+    );
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+}
