@@ -389,4 +389,6 @@ fn build(all: HashMap<u32, Found>) -> Snapshot {
 }
 
 #[cfg(test)]
+pub(crate) mod fixture;
+#[cfg(test)]
 mod tests;

@@ -181,6 +181,9 @@ impl ProcessCollector {
             })
             .collect();
         descs.extend(cpu_counter().desc().into_iter().cloned());
+        // The restart counter is exposed by this collector, right after the scan that updates
+        // it, so a scrape never shows it one scan behind.
+        descs.extend(restarts.desc().into_iter().cloned());
         Self {
             source,
             descs,
@@ -264,6 +267,7 @@ impl ProcessCollector {
             .set(started.elapsed().as_secs_f64());
         let mut families: Vec<MetricFamily> = vecs.iter().flat_map(|v| v.collect()).collect();
         families.extend(cpu.collect());
+        families.extend(self.restarts.collect());
         families
     }
 }
@@ -325,7 +329,6 @@ impl Metrics {
         let collector = ProcessCollector::new(source, restarts.clone());
         for c in [
             Box::new(sessions.clone()) as Box<dyn Collector>,
-            Box::new(restarts.clone()),
             Box::new(up.clone()),
             Box::new(collector),
         ] {
@@ -407,6 +410,99 @@ mod tests {
             &[(0, 15, 20), (1, 13, 9), (2, 14, 9)],
         ));
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn renders_fixture_processes_with_bounded_labels() {
+        use crate::discovery::fixture::{fixture, proc, rollup};
+        let root = fixture();
+        let r = root.path();
+        proc(
+            r,
+            100,
+            1,
+            'S',
+            1000,
+            &["forkscope-server: leader [web:app]"],
+        );
+        proc(
+            r,
+            101,
+            100,
+            'S',
+            1100,
+            &["forkscope-server: worker 0 [web:app]"],
+        );
+        // Slot 0 mid-reload: an older process still shuts down beside its replacement.
+        proc(
+            r,
+            102,
+            100,
+            'S',
+            900,
+            &["forkscope-server: worker 0 [web:app]"],
+        );
+        rollup(r, 100, 2000);
+        rollup(r, 101, 800);
+        rollup(r, 102, 700);
+        let metrics = Metrics::new(ProcSource::new(r));
+        let text = metrics.render().expect("render");
+        let line = |series: &str| {
+            text.lines()
+                .find(|l| l.starts_with(series))
+                .unwrap_or_else(|| panic!("{series} missing in\n{text}"))
+                .rsplit_once(' ')
+                .expect("value")
+                .1
+                .to_owned()
+        };
+        let w0 = r#"{app="web:app",role="worker",server="forkscope",slot="0"}"#;
+        let leader = r#"{app="web:app",role="leader",server="forkscope",slot=""}"#;
+        // The newest process of the slot is the series; both PIDs are on the info series.
+        assert_eq!(
+            line(&format!("forkscope_process_pss_bytes{w0}")),
+            (800 * 1024).to_string()
+        );
+        assert_eq!(
+            line(&format!("forkscope_process_rss_bytes{w0}")),
+            (950 * 1024).to_string()
+        );
+        assert_eq!(
+            line(&format!("forkscope_process_uss_bytes{w0}")),
+            (800 * 1024).to_string()
+        );
+        assert_eq!(
+            line(&format!("forkscope_process_shared_bytes{w0}")),
+            (150 * 1024).to_string()
+        );
+        assert_eq!(
+            line(&format!("forkscope_process_swap_bytes{w0}")),
+            (3 * 1024).to_string()
+        );
+        assert_eq!(
+            line(&format!("forkscope_process_pss_bytes{leader}")),
+            (2000 * 1024).to_string()
+        );
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with("forkscope_process_pss_bytes{"))
+                .count(),
+            2
+        );
+        for pid in [100, 101, 102] {
+            assert!(text.contains(&format!(r#"pid="{pid}""#)), "{text}");
+        }
+        assert_eq!(
+            line(r#"forkscope_workers{app="web:app",server="forkscope"}"#),
+            "2"
+        );
+        assert_eq!(
+            line(r#"forkscope_worker_restarts_total{app="web:app",server="forkscope",slot="0"}"#),
+            "0"
+        );
+        for l in text.lines().filter(|l| l.contains("pid=")) {
+            assert!(l.starts_with("forkscope_process_info{"), "{l}");
+        }
     }
 
     #[test]

@@ -233,3 +233,96 @@ async fn scale(
 
 /// Keeps `Arc` in scope for the state type.
 pub type ScaleLock = Arc<tokio::sync::Mutex<()>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request as HttpRequest;
+    use tower::ServiceExt;
+
+    use crate::discovery::fixture::{fixture, proc, rollup};
+    use crate::sessions::SessionLimits;
+
+    fn state(root: &std::path::Path) -> (AppState, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token = dir.path().join("token");
+        std::fs::write(&token, "t0ken").expect("token");
+        let config = crate::Config {
+            proc_root: root.to_owned(),
+            runtime_dir: dir.path().to_owned(),
+            token_file: token,
+            limits: SessionLimits::default(),
+        };
+        (AppState::new(&config).expect("state"), dir)
+    }
+
+    async fn call(
+        app: Router,
+        method: &str,
+        uri: &str,
+        token: Option<&str>,
+    ) -> (StatusCode, serde_json::Value) {
+        let mut req = HttpRequest::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let resp = app
+            .oneshot(req.body(Body::empty()).expect("request"))
+            .await
+            .expect("infallible");
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    #[tokio::test]
+    async fn processes_of_a_fixture_tree_through_the_router() {
+        let root = fixture();
+        let r = root.path();
+        proc(
+            r,
+            100,
+            1,
+            'S',
+            1000,
+            &["forkscope-server: leader [web:app]"],
+        );
+        proc(
+            r,
+            101,
+            100,
+            'S',
+            1100,
+            &["forkscope-server: worker 0 [web:app]"],
+        );
+        rollup(r, 101, 800);
+        let (state, _dir) = state(r);
+        let sessions = state.sessions.clone();
+        let app = router(state);
+        let (status, body) = call(app.clone(), "GET", "/v1/processes", None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(body["code"], "unauthorized");
+        let (status, body) = call(app.clone(), "GET", "/v1/processes", Some("t0ken")).await;
+        assert_eq!(status, StatusCode::OK);
+        let leader = &body["leaders"][0];
+        assert_eq!(leader["server"], "forkscope");
+        assert_eq!(leader["app"], "web:app");
+        assert_eq!(leader["leader"]["pid"], 100);
+        assert_eq!(leader["leader"]["memory"], serde_json::Value::Null);
+        assert_eq!(leader["workers"][0]["slot"], 0);
+        assert_eq!(leader["workers"][0]["memory"]["pss_bytes"], 800 * 1024);
+        // Ready only once orphan recovery ran (serve() starts it).
+        let (status, body) = call(app.clone(), "GET", "/readyz", None).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["checks"]["orphan_recovery"], "running");
+        sessions.recover_orphans().await;
+        let (status, _) = call(app, "GET", "/readyz", None).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+}

@@ -56,21 +56,40 @@ fn leak(server: &Server, requests: u32, n: u32) -> u64 {
     u64::from(requests * n) * 10_000
 }
 
-/// Leaks 30 objects `hits` times in worker `pid`: each try pipelines `/slot` and `/leak` on one
-/// connection (so both run in the same worker) and counts only the tries that landed in `pid`.
+/// Leaks 30 objects `hits` times in worker `pid` only: each try asks `/slot` on a keep-alive
+/// connection (served by one worker) and sends `/leak` on it only when that worker is `pid`.
 fn leak_on(server: &Server, pid: u32, hits: u32) -> u64 {
-    let raw = b"GET /slot HTTP/1.1\r\nHost: t\r\n\r\nGET /leak?n=30 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+    use std::io::{Read, Write};
+    let read_one = |conn: &mut std::net::TcpStream| {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some((r, _)) = forkscope_tests::client::parse_one(&buf, false) {
+                return r;
+            }
+            let n = conn.read(&mut chunk).expect("read");
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&buf));
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
     let mut landed = 0;
     for _ in 0..2000 {
-        let out = forkscope_tests::send_raw(server.addr, raw);
-        let responses = forkscope_tests::client::parse_responses(&out, &[false, false]);
-        assert_eq!(responses.len(), 2, "{}", String::from_utf8_lossy(&out));
-        let info: serde_json::Value = serde_json::from_slice(&responses[0].body).expect("json");
-        if info["pid"].as_u64() == Some(u64::from(pid)) {
-            landed += 1;
-            if landed == hits {
-                return u64::from(hits) * 30 * 10_000;
-            }
+        let mut conn = std::net::TcpStream::connect(server.addr).expect("connect");
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        conn.write_all(b"GET /slot HTTP/1.1\r\nHost: t\r\n\r\n")
+            .expect("write");
+        let info: serde_json::Value =
+            serde_json::from_slice(&read_one(&mut conn).body).expect("json");
+        if info["pid"].as_u64() != Some(u64::from(pid)) {
+            continue;
+        }
+        conn.write_all(b"GET /leak?n=30 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .expect("write");
+        assert_eq!(read_one(&mut conn).status, 200);
+        landed += 1;
+        if landed == hits {
+            return u64::from(hits) * 30 * 10_000;
         }
     }
     panic!("worker {pid} served only {landed} of {hits} leaks");
