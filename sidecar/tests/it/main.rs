@@ -7,4 +7,5 @@ mod leader;
 mod metrics;
 mod orphans;
 mod profiles;
+mod unprivileged;
 mod util;

@@ -33,20 +33,74 @@ impl Sidecar {
             .expect("clock")
             .as_nanos();
         let token = format!("tok-{}-{nanos:x}", std::process::id());
-        Self::start_with(dir, runtime, &token, args)
+        Self::start_with(dir, runtime, &token, args, &[])
+    }
+
+    /// Starts the sidecar through `prefix` (a program and its arguments that then runs the
+    /// sidecar binary, such as `setpriv ... --`).
+    pub fn start_wrapped(runtime: &Path, prefix: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token = format!("tok-wrapped-{}", std::process::id());
+        let mut wrapper = prefix.to_vec();
+        wrapper.push(env!("CARGO_BIN_EXE_forkscope-sidecar"));
+        Self::start_with(dir, runtime, &token, &[], &wrapper)
+    }
+
+    /// Starts a copy of the sidecar binary as user and group 65534 (`nobody`) through
+    /// `setpriv`, as a container with another UID than the app's would run it. Needs root.
+    pub fn start_as_nobody(runtime: &Path) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "switching to another user needs root (the test machines run as root)"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Everything nobody must reach: the folder, a copy of the binary, the token.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let bin = dir.path().join("forkscope-sidecar");
+        std::fs::copy(env!("CARGO_BIN_EXE_forkscope-sidecar"), &bin).expect("copy binary");
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let bin = bin.to_string_lossy().into_owned();
+        let token = format!("tok-nobody-{}", std::process::id());
+        let wrapper = [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            bin.as_str(),
+        ];
+        Self::start_with(dir, runtime, &token, &[], &wrapper)
     }
 
     /// Starts a second sidecar over the same runtime directory and token (a restart).
     pub fn restart(&mut self, runtime: &Path) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        Self::start_with(dir, runtime, &self.token.clone(), &[])
+        Self::start_with(dir, runtime, &self.token.clone(), &[], &[])
     }
 
-    fn start_with(dir: tempfile::TempDir, runtime: &Path, token: &str, args: &[&str]) -> Self {
+    /// `wrapper` (a program and its arguments, ending with the sidecar binary to run) replaces
+    /// the test binary's own sidecar when not empty.
+    fn start_with(
+        dir: tempfile::TempDir,
+        runtime: &Path,
+        token: &str,
+        args: &[&str],
+        wrapper: &[&str],
+    ) -> Self {
         let token_file = dir.path().join("token");
         std::fs::write(&token_file, format!("{token}\n")).expect("token");
         let log = dir.path().join("sidecar.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_forkscope-sidecar"))
+        let mut cmd = match wrapper {
+            [] => Command::new(env!("CARGO_BIN_EXE_forkscope-sidecar")),
+            [program, rest @ ..] => {
+                let mut c = Command::new(program);
+                c.args(rest);
+                c
+            }
+        };
+        let child = cmd
             .args(["--listen", "127.0.0.1:0", "--runtime-dir"])
             .arg(runtime)
             .arg("--token-file")
@@ -96,6 +150,11 @@ impl Sidecar {
     /// The sidecar's log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The sidecar's PID.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
     }
 
     /// SIGKILL, as a crash or an OOM kill would end it.
