@@ -159,6 +159,17 @@ async fn discovers(titles: bool) {
     assert!(leader.leader.cpu_seconds > 0.0, "python start-up costs CPU");
     let now = forkscope_sidecar::sessions::unix_now();
     assert!(leader.leader.started_at > now - 600.0 && leader.leader.started_at <= now + 1.0);
+    let metrics = sidecar.client().metrics_text().await.expect("metrics");
+    for series in [
+        r#"forkscope_process_pss_bytes{app="app:app",role="leader",server="gunicorn",slot=""}"#,
+        r#"forkscope_process_pss_bytes{app="app:app",role="worker",server="gunicorn",slot="1"}"#,
+    ] {
+        assert!(metrics.contains(series), "{series} missing:\n{metrics}");
+    }
+    assert!(metrics.contains(&format!(
+        r#"forkscope_process_info{{app="app:app",pid="{}",role="leader",server="gunicorn",slot=""}} 1"#,
+        g.pid()
+    )));
     memory_matches_kernel(&sidecar, g.pid()).await;
     for w in &leader.workers {
         memory_matches_kernel(&sidecar, w.pid).await;
@@ -182,6 +193,20 @@ async fn gunicorn_is_scaled_and_reloaded_through_the_api() {
     let sidecar = Sidecar::start(runtime.path(), &[]);
     let client = sidecar.client();
     let leader = Some(g.pid());
+    // gunicorn workers have no profiler doorbell: a session is refused, nothing is rung.
+    match client
+        .start_profile(&forkscope_sidecar::api::ProfileRequest {
+            leader_pid: leader,
+            ..forkscope_sidecar::api::ProfileRequest::stacks()
+        })
+        .await
+    {
+        Err(forkscope_sidecar::ClientError::Api { status, body }) => {
+            assert_eq!(status, reqwest::StatusCode::UNPROCESSABLE_ENTITY);
+            assert!(body.reason.contains("gunicorn"), "{}", body.reason);
+        }
+        other => panic!("expected a 422: {other:?}"),
+    }
     let up = client
         .set_workers(&ScaleRequest {
             leader_pid: leader,
