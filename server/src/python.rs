@@ -208,10 +208,29 @@ pub fn import_app(py: Python<'_>, spec: &AppSpec) -> anyhow::Result<Py<PyAny>> {
 /// # Errors
 /// Only if the `gc` module is unusable.
 pub fn freeze(py: Python<'_>) -> PyResult<()> {
-    let gc = py.import("gc")?;
-    // Collect first so garbage is not frozen forever, then freeze what remains.
-    gc.call_method0("collect")?;
-    gc.call_method0("freeze")?;
+    // No collection first: freeing garbage now would leave holes in the shared pages that the
+    // workers' first allocations fill, copying those pages (CPython's gc.freeze advice).
+    py.import("gc")?.call_method0("freeze")?;
+    Ok(())
+}
+
+/// Switches the cyclic garbage collector off in the leader before a preload import, so no
+/// collection frees objects (and leaves holes in pages workers will share) between the import
+/// and [`freeze`]. Workers switch it back on with [`enable_gc`] right after fork.
+///
+/// # Errors
+/// Only if the `gc` module is unusable.
+pub fn disable_gc(py: Python<'_>) -> PyResult<()> {
+    py.import("gc")?.call_method0("disable")?;
+    Ok(())
+}
+
+/// Switches the cyclic garbage collector back on (in a worker, after fork).
+///
+/// # Errors
+/// Only if the `gc` module is unusable.
+pub fn enable_gc(py: Python<'_>) -> PyResult<()> {
+    py.import("gc")?.call_method0("enable")?;
     Ok(())
 }
 
