@@ -5,12 +5,12 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use forkscope_sidecar::api::{ScaleRequest, ServerKind};
+use forkscope_sidecar::api::{Memory, ScaleRequest, ServerKind};
 use forkscope_tests::{apps_dir, procs, venv, wait_for};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::util::{Sidecar, eventually, rollup};
+use crate::util::{Sidecar, rollup};
 
 /// A gunicorn master started by the test (the spawned process is the master).
 struct Gunicorn {
@@ -84,47 +84,42 @@ impl Drop for Gunicorn {
     }
 }
 
-/// Asserts the API's memory for `pid` equals the kernel's, retrying while the process's memory
-/// moves between the two reads.
+/// Asserts the API's memory for `pid` equals the kernel's. Shared pages make PSS move whenever
+/// another process maps or drops them, so a comparison counts only when the file read just
+/// before and just after the API call agree and the API matches both; a wrong reading can never
+/// pass, a moving one is retried (bounded).
 async fn memory_matches_kernel(sidecar: &Sidecar, pid: u32) {
     let client = sidecar.client();
-    eventually(
-        "a stable smaps_rollup read",
-        Duration::from_secs(30),
-        || {
-            let client = client.clone();
-            async move {
-                let before = rollup(pid)?;
-                let list = client.processes().await.ok()?;
-                let after = rollup(pid)?;
-                if before != after {
-                    return None;
-                }
-                let view = list
-                    .leaders
-                    .iter()
-                    .flat_map(|l| std::iter::once(&l.leader).chain(&l.workers))
-                    .find(|p| p.pid == pid)?;
-                let m = view.memory.expect("memory of a live process");
-                let get = |k: &str| before.get(k).copied().unwrap_or(0);
-                assert_eq!(m.pss_bytes, get("Pss"), "Pss of {pid}");
-                assert_eq!(m.rss_bytes, get("Rss"), "Rss of {pid}");
-                assert_eq!(
-                    m.uss_bytes,
-                    get("Private_Clean") + get("Private_Dirty"),
-                    "USS of {pid}"
-                );
-                assert_eq!(
-                    m.shared_bytes,
-                    get("Shared_Clean") + get("Shared_Dirty"),
-                    "shared of {pid}"
-                );
-                assert_eq!(m.swap_bytes, get("Swap"), "Swap of {pid}");
-                Some(())
-            }
-        },
-    )
-    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let before = rollup(pid).expect("smaps_rollup of a live process");
+        let list = client.processes().await.expect("processes");
+        let after = rollup(pid).expect("smaps_rollup of a live process");
+        let view = list
+            .leaders
+            .iter()
+            .flat_map(|l| std::iter::once(&l.leader).chain(&l.workers))
+            .find(|p| p.pid == pid)
+            .expect("the process is listed");
+        let m = view.memory.expect("memory of a live process");
+        let get = |k: &str| before.get(k).copied().unwrap_or(0);
+        let kernel = Memory {
+            pss_bytes: get("Pss"),
+            rss_bytes: get("Rss"),
+            uss_bytes: get("Private_Clean") + get("Private_Dirty"),
+            shared_bytes: get("Shared_Clean") + get("Shared_Dirty"),
+            swap_bytes: get("Swap"),
+        };
+        if before == after && m == kernel {
+            return;
+        }
+        let last = format!("api {m:?}, kernel {kernel:?} (stable: {})", before == after);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "memory of {pid} never matched the kernel's: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn discovers(titles: bool) {

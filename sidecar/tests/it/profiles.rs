@@ -119,7 +119,7 @@ async fn heap_diff_with_a_duration_finds_the_leak_line() {
     let sidecar = Sidecar::start(&server.runtime, &[]);
     let client = sidecar.client();
     let started = client
-        .start_profile(&heap_diff(&server, Some(4.0)))
+        .start_profile(&heap_diff(&server, Some(6.0)))
         .await
         .expect("start");
     assert_eq!(started.workers.len(), 2);
