@@ -117,7 +117,11 @@ def versions(venv: Path, wrk: str, forkscope: Path | None, root: Path) -> dict[s
         commit = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
         ).stdout.strip()
-        out["forkscope-commit"] = commit or "unknown"
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "server", "protocol", "Cargo.lock"],
+            capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
+        out["forkscope-commit"] = (commit or "unknown") + (" + uncommitted changes" if dirty else "")
         built = datetime.datetime.fromtimestamp(forkscope.stat().st_mtime, datetime.timezone.utc)
         out["forkscope-binary-built"] = built.strftime("%Y-%m-%d %H:%M:%S UTC")
     return out
