@@ -96,6 +96,13 @@ class Render(unittest.TestCase):
         self.assertIn("| hello | 1 | 1.25× |", text)  # forkscope / granian
         self.assertIn("$VENV/bin/x -b 127.0.0.1:PORT", text)
         self.assertIn("50 MiB, meets it", text)
+        self.assertNotIn("Noisy machine", text)
+
+    def test_busy_machine_is_called_noisy(self):
+        raw = self.raw()
+        for sample in raw["throughput"]:
+            sample["other_cpu"] = 0.3
+        self.assertIn("**Noisy machine:** other processes used a median 30%", report.render(raw, "x"))
 
 
 if __name__ == "__main__":
