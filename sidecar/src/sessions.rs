@@ -127,8 +127,10 @@ enum ExchangeError {
         reason: String,
         result: Option<Box<CommandResult>>,
     },
-    /// The worker answered with an error, did not answer, or the files failed.
+    /// The worker answered with an error, or the files failed.
     Failed(String),
+    /// No answer in time; the worker was left a `stop` for its pending ring.
+    TimedOut(String),
 }
 
 impl Sessions {
@@ -573,7 +575,7 @@ impl Sessions {
                     w.result = result.map(|r| *r);
                 }
             }
-            ExchangeError::Failed(reason) => {
+            ExchangeError::Failed(reason) | ExchangeError::TimedOut(reason) => {
                 w.state = WorkerState::Failed;
                 w.error = Some(reason);
             }
@@ -637,21 +639,26 @@ impl Sessions {
                 let mut capture = Command::new(id, Action::Capture);
                 capture.top = req.top;
                 capture.group_by = req.group_by;
-                let mut captured: Vec<ProcessKey> = Vec::new();
+                // Tracing goes on after a capture: it is stopped wherever it may still run, i.e.
+                // every worker but those that exited or were left a stop after a timeout.
+                let mut still_tracing: Vec<ProcessKey> = Vec::new();
                 for (key, result) in self.exchange_all(&tracing, &capture).await {
                     match result {
                         Ok(r) => {
-                            captured.push(key);
+                            still_tracing.push(key);
                             self.set_worker(id, key, |w| {
                                 w.state = WorkerState::Done;
                                 w.result = Some(r);
                             });
                         }
+                        Err(e @ ExchangeError::Failed(_)) => {
+                            still_tracing.push(key);
+                            self.record_failure(id, key, e);
+                        }
                         Err(e) => self.record_failure(id, key, e),
                     }
                 }
-                // Tracing goes on after a capture: stop it everywhere it still runs.
-                for (key, result) in self.exchange_all(&captured, &stop).await {
+                for (key, result) in self.exchange_all(&still_tracing, &stop).await {
                     if let Err(e) = result {
                         tracing::warn!(session = id, pid = key.pid, "stop after capture: {e:?}");
                     }
@@ -792,7 +799,7 @@ impl Sessions {
                 if write_json_atomic(&command_path, &late).is_err() {
                     let _ = std::fs::remove_file(&command_path);
                 }
-                return Err(ExchangeError::Failed(format!(
+                return Err(ExchangeError::TimedOut(format!(
                     "no {} result within {:.1} s",
                     cmd.action.as_str(),
                     self.inner.limits.result_timeout.as_secs_f64()
@@ -1016,9 +1023,9 @@ fn validate(req: &ProfileRequest) -> Result<(), ApiError> {
 impl std::fmt::Display for ExchangeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ExchangeError::Exited { reason, .. } | ExchangeError::Failed(reason) => {
-                f.write_str(reason)
-            }
+            ExchangeError::Exited { reason, .. }
+            | ExchangeError::Failed(reason)
+            | ExchangeError::TimedOut(reason) => f.write_str(reason),
         }
     }
 }
