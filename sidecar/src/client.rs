@@ -203,7 +203,20 @@ impl Client {
         self.call(Method::PUT, "v1/leader/workers", Some(req)).await
     }
 
-    /// `GET /metrics` (no token needed, sent anyway).
+    /// `GET /readyz`: the readiness report; `status` is `ok` when ready (a 503 is not an
+    /// error here, its report says what is missing).
+    ///
+    /// # Errors
+    /// Transport errors or a body that is not the report.
+    pub async fn ready(&self) -> Result<crate::api::Health, ClientError> {
+        let url = self
+            .base
+            .join("readyz")
+            .map_err(|e| ClientError::Url(e.to_string()))?;
+        Ok(self.http.get(url).send().await?.json().await?)
+    }
+
+    /// `GET /metrics` (no token needed).
     ///
     /// # Errors
     /// Transport errors or a non-success status.

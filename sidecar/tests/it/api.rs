@@ -226,6 +226,12 @@ async fn openapi_document_is_served_and_lists_every_route() {
         assert!(paths.contains_key(p), "{p}");
     }
     assert!(doc["components"]["schemas"]["Session"].is_object());
+    let ready = sidecar.client().ready().await.expect("readyz");
+    assert_eq!(ready.status, "ok");
+    assert_eq!(
+        ready.checks.get("orphan_recovery").map(String::as_str),
+        Some("done")
+    );
 }
 
 #[tokio::test]
