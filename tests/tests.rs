@@ -3,6 +3,7 @@
 mod differential;
 mod frameworks;
 mod http;
+mod lifecycle;
 mod options;
 mod prefork;
 mod profiler;

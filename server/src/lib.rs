@@ -10,6 +10,7 @@
 //! - [`worker`]: one worker process: event loop, connections, request dispatch.
 //! - [`http`]: pure HTTP/1.x parsing and response framing; never touches a socket.
 //! - [`wsgi`]: the bridge to the Python application (environ, start_response, wsgi.input).
+//! - [`hooks`]: gunicorn's server hooks, called with gunicorn-shaped server/worker objects.
 //! - [`python`]: interpreter start-up, imports, preload, fork hooks.
 //! - [`profiler`]: the tracemalloc doorbell inside every worker.
 //! - [`runtime_dir`]: this process' folder in the runtime directory shared with the sidecar.
@@ -17,6 +18,7 @@
 
 pub mod config_file;
 pub mod heartbeat;
+pub mod hooks;
 pub mod http;
 pub mod leader;
 pub mod listeners;
@@ -36,6 +38,7 @@ use pyo3::Python;
 
 /// The whole program: settings, logging, Python, then the leader. `main` only calls this.
 pub fn run(args: Vec<OsString>) -> ExitCode {
+    leader::remember_start(&args);
     Python::initialize();
     let loaded = Python::attach(|py| settings::load(args, Some(py)));
     let loaded = match loaded {

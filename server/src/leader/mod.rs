@@ -5,12 +5,16 @@
 //! longer than `--timeout`, then spawns or retires workers until every slot below the target
 //! count is served. No thread is ever started here: `fork()` copies only the calling thread.
 
+pub mod reload;
 pub mod signals;
 pub mod slots;
 pub mod spawn;
+pub mod upgrade;
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -21,6 +25,7 @@ use pyo3::prelude::*;
 
 use crate::config_file::Hooks;
 use crate::heartbeat::{Heartbeats, MAX_SLOTS};
+use crate::hooks::{ServerObject, arg};
 use crate::listeners::Listener;
 use crate::python::AppSpec;
 use crate::settings::Settings;
@@ -28,12 +33,50 @@ use crate::worker::WorkerExit;
 use forkscope_protocol::{Role, RuntimeDir};
 use signals::{LeaderSignal, SignalPipe};
 use slots::{Slots, WorkerProc};
+use upgrade::Upgrade;
 
 /// Consecutive boot failures of one slot after which the leader gives up.
 const MAX_BOOT_FAILURES: u32 = 5;
 
 /// How long an aborted (timed-out) worker gets to dump its stacks before KILL.
 const ABORT_GRACE: Duration = Duration::from_secs(2);
+
+/// The exit status when a leader-side hook raised after start-up (gunicorn's "Unhandled
+/// exception in main loop" ends the arbiter the same way).
+const HOOK_FAILED: u8 = 1;
+
+/// How the process was started: what USR2 executes again and HUP parses again.
+#[derive(Debug)]
+pub struct Start {
+    /// The command line, program name first.
+    pub argv: Vec<OsString>,
+    /// The working directory before `--chdir`.
+    pub cwd: Option<PathBuf>,
+    /// The binary's path (`/proc/self/exe` at start; the file at that path is what USR2 runs).
+    pub exe: Option<PathBuf>,
+}
+
+static START: OnceLock<Start> = OnceLock::new();
+
+/// Records the command line, the working directory and the binary's path. `run` calls it first,
+/// before `--chdir` and before process titles overwrite the command-line memory.
+pub fn remember_start(args: &[OsString]) {
+    let _ = START.set(Start {
+        argv: args.to_vec(),
+        cwd: std::env::current_dir().ok(),
+        exe: std::fs::read_link("/proc/self/exe")
+            .ok()
+            .or_else(|| args.first().map(PathBuf::from)),
+    });
+}
+
+fn start() -> &'static Start {
+    START.get_or_init(|| Start {
+        argv: std::env::args_os().collect(),
+        cwd: std::env::current_dir().ok(),
+        exe: std::fs::read_link("/proc/self/exe").ok(),
+    })
+}
 
 /// A stop in progress.
 #[derive(Debug, Clone, Copy)]
@@ -58,29 +101,60 @@ pub struct Leader {
     signals: SignalPipe,
     stopping: Option<Stopping>,
     pidfile: Option<PathBuf>,
+    /// The `server` argument of hooks.
+    server: Py<ServerObject>,
+    /// USR2 state: the new leader we started, or the old leader that started us.
+    upgrade: Upgrade,
+    /// A leader-side hook raised: stop quickly with this status.
+    halt: Option<ExitCode>,
     _folder: Option<crate::runtime_dir::FolderGuard>,
 }
 
 impl Leader {
     /// Binds the sockets, prepares the runtime directory, and imports the app under
-    /// `--preload`. Python must be initialized.
+    /// `--preload`. Python must be initialized. Calls `nworkers_changed` (with `None` as the
+    /// old value) and `on_starting`, as gunicorn does before it binds.
     ///
     /// # Errors
-    /// A socket cannot be bound, or the app fails to import under `--preload`.
+    /// A socket cannot be bound, the app fails to import under `--preload`, or `on_starting`
+    /// raised.
     pub fn new(settings: Settings, hooks: Hooks) -> anyhow::Result<Self> {
         let app_text = settings
             .wsgi_app
             .clone()
             .context("no application given: forkscope-server [OPTIONS] MODULE:VARIABLE")?;
         let spec = AppSpec::parse(&app_text)?;
-        let app_name = settings.proc_name.clone().unwrap_or_else(|| app_text.clone());
+        let app_name = settings
+            .proc_name
+            .clone()
+            .unwrap_or_else(|| app_text.clone());
+        let target = settings.workers.clamp(1, MAX_SLOTS as u32);
+        let upgrade = Upgrade::from_env();
 
         log::info!("Starting forkscope-server {}", env!("CARGO_PKG_VERSION"));
+        let server = Python::attach(|py| -> anyhow::Result<Py<ServerObject>> {
+            let server = crate::hooks::server_object(py, &settings, &app_name, target)
+                .map_err(|e| anyhow::anyhow!(crate::python::format_exception(e)))?;
+            crate::hooks::call(py, &hooks, "nworkers_changed", || {
+                Ok(vec![
+                    arg(py, &server),
+                    target.into_pyobject(py)?.into_any(),
+                    py.None().into_bound(py),
+                ])
+            })?;
+            crate::hooks::call(py, &hooks, "on_starting", || Ok(vec![arg(py, &server)]))?;
+            Ok(server)
+        })?;
+
         let listeners = crate::listeners::bind_all(&settings.bind, settings.backlog)?;
         for l in &listeners {
             log::info!("Listening at: {l} ({})", std::process::id());
         }
-        let worker_kind = if settings.threads > 1 { "gthread" } else { "sync" };
+        let worker_kind = if settings.threads > 1 {
+            "gthread"
+        } else {
+            "sync"
+        };
         log::info!("Using worker: {worker_kind}");
 
         let pidfile = settings.pidfile.clone();
@@ -116,6 +190,10 @@ impl Leader {
             if !settings.preload_app {
                 return Ok(None);
             }
+            if settings.gc_freeze {
+                crate::python::disable_gc(py)
+                    .map_err(|e| anyhow::anyhow!(crate::python::format_exception(e)))?;
+            }
             let app = crate::python::import_app(py, &spec)?;
             let _ = crate::worker::signals::warn_about_app_handlers(py);
             if settings.gc_freeze {
@@ -125,7 +203,6 @@ impl Leader {
             Ok(Some(app))
         })?;
 
-        let target = settings.workers.clamp(1, MAX_SLOTS as u32);
         Ok(Self {
             hooks,
             spec,
@@ -139,14 +216,32 @@ impl Leader {
             signals: SignalPipe::install().context("cannot install signal handlers")?,
             stopping: None,
             pidfile,
+            server,
+            upgrade,
+            halt: None,
             _folder: folder,
             settings,
         })
     }
 
-    /// Runs until a stop completes; returns the process exit code.
+    /// Runs until a stop completes; returns the process exit code. Calls `when_ready` first
+    /// and `on_exit` last.
     pub fn run(mut self) -> ExitCode {
-        let code = self.main_loop();
+        let ready = Python::attach(|py| {
+            crate::hooks::call(py, &self.hooks, "when_ready", || {
+                Ok(vec![arg(py, &self.server)])
+            })
+        });
+        let code = if ready.is_err() {
+            ExitCode::from(HOOK_FAILED)
+        } else {
+            self.main_loop()
+        };
+        Python::attach(|py| {
+            let _ = crate::hooks::call(py, &self.hooks, "on_exit", || {
+                Ok(vec![arg(py, &self.server)])
+            });
+        });
         self.cleanup();
         code
     }
@@ -161,10 +256,11 @@ impl Leader {
                 self.finish_stop();
                 return code;
             }
+            self.check_promoted();
             if let Some(stop) = self.stopping {
                 if self.slots.is_empty() {
                     log::info!("Shutting down: Main");
-                    return ExitCode::SUCCESS;
+                    return self.halt.unwrap_or(ExitCode::SUCCESS);
                 }
                 if !stop.killed && Instant::now() >= stop.deadline {
                     for pid in self.slots.all_pids() {
@@ -174,6 +270,11 @@ impl Leader {
                         s.killed = true;
                     }
                 }
+                continue;
+            }
+            if self.halt.is_some() {
+                log::error!("Unhandled exception in a server hook: stopping");
+                self.begin_stop(false);
                 continue;
             }
             self.murder();
@@ -194,11 +295,12 @@ impl Leader {
             }
             LeaderSignal::Ttin => {
                 log::info!("Handling signal: ttin");
-                self.target = (self.target + 1).min(MAX_SLOTS as u32);
+                self.set_target((self.target + 1).min(MAX_SLOTS as u32));
             }
             LeaderSignal::Ttou => {
                 log::info!("Handling signal: ttou");
-                self.target = self.target.saturating_sub(1).max(1);
+                // Never below one; after WINCH (zero) it stays at zero.
+                self.set_target(self.target.saturating_sub(1).max(self.target.min(1)));
             }
             LeaderSignal::Usr1 => {
                 log::info!("Handling signal: usr1");
@@ -211,20 +313,262 @@ impl Leader {
                 log::info!("Handling signal: hup");
                 self.reload();
             }
-            LeaderSignal::Usr2 | LeaderSignal::Winch => {
-                log::warn!("signal {sig:?} is not handled yet by this leader");
+            LeaderSignal::Usr2 => {
+                log::info!("Handling signal: usr2");
+                self.reexec();
+            }
+            LeaderSignal::Winch => {
+                log::info!("Handling signal: winch");
+                if self.stopping.is_none() {
+                    log::info!(
+                        "graceful stop of the workers; the leader stays (HUP or TTIN starts them again)"
+                    );
+                    self.set_target(0);
+                }
             }
         }
     }
 
-    /// Replaces every worker: new workers (which import the app afresh when not preloaded)
-    /// start in the freed slots while the old ones finish their requests.
+    /// Changes the number of workers and tells `nworkers_changed`.
+    fn set_target(&mut self, target: u32) {
+        let old = self.target;
+        self.target = target;
+        let failed = Python::attach(|py| {
+            self.server.borrow_mut(py).num_workers = target;
+            crate::hooks::call(py, &self.hooks, "nworkers_changed", || {
+                Ok(vec![
+                    arg(py, &self.server),
+                    target.into_pyobject(py)?.into_any(),
+                    old.into_pyobject(py)?.into_any(),
+                ])
+            })
+            .is_err()
+        });
+        if failed {
+            self.halt = Some(ExitCode::from(HOOK_FAILED));
+        }
+    }
+
+    /// HUP: re-reads the configuration (keeping the old one when the new one is invalid),
+    /// re-imports the app under `--preload`, then replaces every worker: each old worker
+    /// finishes its requests while a new one takes its slot. The listening sockets stay open
+    /// throughout, so a connection that arrives meanwhile waits in the backlog, never fails.
     fn reload(&mut self) {
+        if self.stopping.is_some() {
+            return;
+        }
+        let start = start();
+        let here = std::env::current_dir().ok();
+        // Relative paths on the command line (-c, log files) mean what they meant at start.
+        if let Some(cwd) = &start.cwd {
+            let _ = std::env::set_current_dir(cwd);
+        }
+        let loaded = Python::attach(|py| crate::settings::load(start.argv.clone(), Some(py)));
+        if let Some(dir) = &here {
+            let _ = std::env::set_current_dir(dir);
+        }
+        match loaded {
+            Ok(loaded) => self.apply(loaded.settings, loaded.hooks),
+            Err(e) => {
+                log::error!("reload: the configuration is invalid, keeping the current one: {e:#}");
+            }
+        }
+        if self.settings.preload_app {
+            let freeze = self.settings.gc_freeze;
+            let spec = self.spec.clone();
+            match Python::attach(|py| reload::reimport(py, &spec, freeze)) {
+                Ok(app) => {
+                    self.preloaded = Some(app);
+                    Python::attach(|py| {
+                        let _ = crate::worker::signals::warn_about_app_handlers(py);
+                    });
+                    // The import may have called signal.signal() in the leader.
+                    if let Err(e) = signals::reinstall() {
+                        log::error!("cannot reinstall the leader's signal handlers: {e}");
+                    }
+                    log::info!("reload: the application was imported again");
+                }
+                Err(e) => log::error!(
+                    "reload: the application failed to import; the workers keep the old one:\n{e:#}"
+                ),
+            }
+        }
+        let failed = Python::attach(|py| {
+            crate::hooks::call(py, &self.hooks, "on_reload", || {
+                Ok(vec![arg(py, &self.server)])
+            })
+            .is_err()
+        });
+        if failed {
+            self.halt = Some(ExitCode::from(HOOK_FAILED));
+            return;
+        }
+        self.set_target(self.settings.workers.clamp(1, MAX_SLOTS as u32));
         let slots: Vec<u32> = self.slots.serving().map(|(s, _)| s).collect();
         for slot in slots {
             if let Some(pid) = self.slots.retire(slot, false) {
                 let _ = kill(pid, Signal::SIGTERM);
             }
+        }
+    }
+
+    /// Takes the reloaded settings and hooks. What needs new sockets or a new process keeps
+    /// its old value, with a warning.
+    fn apply(&mut self, mut new: Settings, hooks: Hooks) {
+        if new.bind != self.settings.bind {
+            log::warn!(
+                "reload: bind changed from {:?} to {:?}; the sockets stay as they are (use USR2 \
+                 to start a leader on new sockets)",
+                self.settings.bind,
+                new.bind
+            );
+            new.bind = self.settings.bind.clone();
+        }
+        if new.runtime_dir != self.settings.runtime_dir {
+            log::warn!("reload: the runtime directory cannot change while the leader runs");
+            new.runtime_dir = self.settings.runtime_dir.clone();
+        }
+        if new.wsgi_app != self.settings.wsgi_app {
+            match new.wsgi_app.as_deref().map(AppSpec::parse) {
+                Some(Ok(spec)) => self.spec = spec,
+                _ => new.wsgi_app = self.settings.wsgi_app.clone(),
+            }
+        }
+        if new.preload_app && !self.settings.preload_app {
+            // Imported by the re-import step below.
+            self.preloaded = None;
+        } else if !new.preload_app {
+            self.preloaded = None;
+        }
+        if let Err(e) = crate::logging::init(&new) {
+            log::error!("reload: cannot open the new error log, keeping the old one: {e:#}");
+        }
+        if new.pidfile != self.settings.pidfile && !self.upgrade.sharing_sockets() {
+            if let Some(old) = &self.pidfile {
+                let _ = std::fs::remove_file(old);
+            }
+            self.pidfile = new.pidfile.clone();
+            if let Some(path) = &self.pidfile
+                && let Err(e) = std::fs::write(path, format!("{}\n", std::process::id()))
+            {
+                log::error!("reload: cannot write pid file {}: {e}", path.display());
+            }
+        }
+        self.app_name = new
+            .proc_name
+            .clone()
+            .or_else(|| new.wsgi_app.clone())
+            .unwrap_or_else(|| self.app_name.clone());
+        crate::proctitle::set(&crate::proctitle::leader_title(&self.app_name));
+        Python::attach(|py| {
+            let mut server = self.server.borrow_mut(py);
+            match crate::hooks::cfg_object(py, &new) {
+                Ok(cfg) => server.cfg = cfg,
+                Err(e) => log::error!("reload: {}", crate::python::format_exception(e)),
+            }
+            server.proc_name = self.app_name.clone();
+            server.timeout = new.timeout;
+        });
+        self.hooks = hooks;
+        self.settings = new;
+        log::info!("reload: configuration re-read");
+    }
+
+    /// USR2: starts a new leader from the binary on disk, on our sockets.
+    fn reexec(&mut self) {
+        if self.stopping.is_some() {
+            return;
+        }
+        if let Some(child) = self.upgrade.child {
+            log::warn!("USR2 ignored: the new leader (pid {child}) is still running");
+            return;
+        }
+        if let Some(parent) = self.upgrade.parent {
+            log::warn!("USR2 ignored: the old leader (pid {parent}) is still running");
+            return;
+        }
+        let start = start();
+        let Some(exe) = &start.exe else {
+            log::error!("USR2: cannot tell which binary to execute");
+            return;
+        };
+        let mut fds = Vec::new();
+        for l in &self.listeners {
+            if let Err(e) = l.set_inheritable() {
+                log::error!("USR2: cannot pass the socket {l} on: {e}");
+                return;
+            }
+            fds.push(l.fd().to_string());
+        }
+        let plan =
+            match upgrade::ExecPlan::new(exe, &start.argv, start.cwd.as_deref(), &fds.join(",")) {
+                Ok(p) => p,
+                Err(e) => {
+                    log::error!("USR2: {e:#}");
+                    return;
+                }
+            };
+        // Renamed before the fork, so the new leader's pid file never collides with ours.
+        if let Some(path) = self.pidfile.clone() {
+            let old = upgrade::oldbin(&path);
+            match std::fs::rename(&path, &old) {
+                Ok(()) => {
+                    self.pidfile = Some(old);
+                    self.upgrade.renamed_from = Some(path);
+                }
+                Err(e) => log::warn!("USR2: cannot rename {}: {e}", path.display()),
+            }
+        }
+        match Python::attach(crate::python::fork) {
+            Ok(crate::python::Forked::Parent(pid)) => {
+                log::info!(
+                    "USR2: started a new leader (pid {pid}) from {}",
+                    exe.display()
+                );
+                self.upgrade.child = Some(pid);
+            }
+            Ok(crate::python::Forked::Child) => {
+                signals::uninstall();
+                let ok = Python::attach(|py| {
+                    crate::hooks::call(py, &self.hooks, "pre_exec", || {
+                        Ok(vec![arg(py, &self.server)])
+                    })
+                    .is_ok()
+                });
+                if ok {
+                    let err = plan.exec();
+                    log::error!("USR2: cannot execute {}: {err}", exe.display());
+                }
+                spawn::exit_worker(crate::worker::WorkerExit::BootError);
+            }
+            Err(e) => {
+                log::error!("USR2: fork failed: {e}");
+                self.restore_pidfile();
+            }
+        }
+        // Our own workers must not inherit the sockets past an exec of their own.
+        for l in &self.listeners {
+            upgrade::set_cloexec(l.fd());
+        }
+    }
+
+    /// The new leader is gone while we still run: the pid file is ours again.
+    fn restore_pidfile(&mut self) {
+        if let (Some(current), Some(original)) = (&self.pidfile, self.upgrade.renamed_from.take()) {
+            match std::fs::rename(current, &original) {
+                Ok(()) => self.pidfile = Some(original),
+                Err(e) => log::warn!("cannot rename {} back: {e}", current.display()),
+            }
+        }
+    }
+
+    /// A leader started by USR2 becomes the only one once its old leader is gone.
+    fn check_promoted(&mut self) {
+        if let Some(parent) = self.upgrade.parent
+            && nix::unistd::getppid() != parent
+        {
+            log::info!("The old leader (pid {parent}) is gone: this leader is promoted");
+            self.upgrade.parent = None;
         }
     }
 
@@ -241,7 +585,11 @@ impl Leader {
         {
             return;
         }
-        let sig = if graceful { Signal::SIGTERM } else { Signal::SIGQUIT };
+        let sig = if graceful {
+            Signal::SIGTERM
+        } else {
+            Signal::SIGQUIT
+        };
         self.signal_workers(sig);
         self.stopping = Some(Stopping {
             graceful,
@@ -274,6 +622,15 @@ impl Leader {
                 WaitStatus::Signaled(pid, sig, _) => (pid, None, Some(sig)),
                 _ => continue,
             };
+            if self.upgrade.child == Some(pid) {
+                log::error!(
+                    "The new leader (pid {pid}) exited ({}); this leader keeps serving",
+                    code.map_or_else(|| format!("{signal:?}"), |c| format!("code {c}"))
+                );
+                self.upgrade.child = None;
+                self.restore_pidfile();
+                continue;
+            }
             // Unknown children (a PID-1 leader adopts orphans) are reaped quietly.
             let Some((slot, worker)) = self.slots.remove_pid(pid) else {
                 continue;
@@ -293,6 +650,7 @@ impl Leader {
                 }
                 _ => {}
             }
+            self.child_exit(slot, &worker);
             let boot_error = matches!(
                 code.and_then(WorkerExit::from_code),
                 Some(WorkerExit::AppLoadError | WorkerExit::BootError)
@@ -307,6 +665,35 @@ impl Leader {
                     return Some(ExitCode::from(WorkerExit::AppLoadError as u8));
                 }
             }
+        }
+    }
+
+    /// `child_exit(server, worker)` for a reaped worker.
+    fn child_exit(&mut self, slot: u32, worker: &WorkerProc) {
+        if self.hooks.child_exit.is_none() {
+            return;
+        }
+        let failed = Python::attach(|py| {
+            crate::hooks::call(py, &self.hooks, "child_exit", || {
+                let w = crate::hooks::worker_object(
+                    py,
+                    &self.server,
+                    slot,
+                    worker.age,
+                    self.settings.max_requests,
+                )?;
+                {
+                    let mut b = w.borrow_mut(py);
+                    b.pid = worker.pid.as_raw().into_pyobject(py)?.into_any().unbind();
+                    b.alive = false;
+                    b.booted = true;
+                }
+                Ok(vec![arg(py, &self.server), arg(py, &w)])
+            })
+            .is_err()
+        });
+        if failed && self.stopping.is_none() {
+            self.halt = Some(ExitCode::from(HOOK_FAILED));
         }
     }
 
@@ -325,9 +712,10 @@ impl Leader {
                 .map(|(s, w)| (s, w.pid))
                 .collect();
             for (slot, pid) in late {
-                log::error!("WORKER TIMEOUT (pid:{pid})");
+                crate::critical!("WORKER TIMEOUT (pid:{pid})");
                 self.slots.retire(slot, true);
-                // faulthandler in the worker prints every thread's stack, then it dies.
+                // The worker dumps every thread's stack to the error log (faulthandler), runs
+                // the worker_abort hook when Python gets to it, and exits.
                 let _ = kill(pid, Signal::SIGABRT);
             }
         }
@@ -351,6 +739,9 @@ impl Leader {
         }
         for slot in self.slots.empty_slots(self.target, Instant::now()) {
             self.spawn(slot);
+            if self.halt.is_some() {
+                return;
+            }
         }
         // A worker that lived past the timeout (or 5 s) booted fine.
         let booted: Vec<u32> = self
@@ -367,6 +758,26 @@ impl Leader {
     fn spawn(&mut self, slot: u32) {
         let age = self.slots.next_age();
         self.heartbeats.beat(slot);
+        let worker = Python::attach(|py| {
+            let worker = crate::hooks::worker_object(
+                py,
+                &self.server,
+                slot,
+                age,
+                self.settings.max_requests,
+            )
+            .map_err(|e| log::error!("{}", crate::python::format_exception(e)))
+            .ok()?;
+            crate::hooks::call(py, &self.hooks, "pre_fork", || {
+                Ok(vec![arg(py, &self.server), arg(py, &worker)])
+            })
+            .ok()?;
+            Some(worker)
+        });
+        let Some(worker) = worker else {
+            self.halt = Some(ExitCode::from(HOOK_FAILED));
+            return;
+        };
         let forked = Python::attach(crate::python::fork);
         match forked {
             Ok(crate::python::Forked::Parent(pid)) => {
@@ -382,7 +793,7 @@ impl Leader {
                 );
             }
             Ok(crate::python::Forked::Child) => {
-                let code = Python::attach(|py| spawn::worker_main(py, self, slot, age));
+                let code = Python::attach(|py| spawn::worker_main(py, self, slot, age, worker));
                 spawn::exit_worker(code);
             }
             Err(e) => log::error!("fork failed: {e}"),
@@ -392,6 +803,10 @@ impl Leader {
     fn cleanup(&mut self) {
         if let Some(path) = &self.pidfile {
             let _ = std::fs::remove_file(path);
+        }
+        // Another leader serves on the same Unix sockets during an upgrade: keep their files.
+        if self.upgrade.sharing_sockets() {
+            return;
         }
         for l in &self.listeners {
             if let Listener::Unix(_, path) = l {

@@ -92,15 +92,7 @@ impl SignalPipe {
     pub fn install() -> nix::Result<Self> {
         let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
         PIPE_WRITE.store(write.as_raw_fd(), Ordering::SeqCst);
-        let action = SigAction::new(
-            SigHandler::Handler(on_signal),
-            SaFlags::SA_RESTART,
-            SigSet::empty(),
-        );
-        for sig in HANDLED {
-            // SAFETY: the handler only calls write(2) on a pipe.
-            unsafe { sigaction(sig, &action)? };
-        }
+        reinstall()?;
         Ok(Self {
             read,
             _write: write,
@@ -134,7 +126,27 @@ impl SignalPipe {
     }
 }
 
-/// Restores default dispositions (used by a forked worker before it installs its own).
+/// (Re)installs the handlers on the existing pipe: after a HUP re-imported a preloaded app,
+/// whose import-time `signal.signal()` calls replace the leader's handlers.
+///
+/// # Errors
+/// A handler cannot be installed.
+pub fn reinstall() -> nix::Result<()> {
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in HANDLED {
+        // SAFETY: the handler only calls write(2) on a pipe.
+        unsafe { sigaction(sig, &action)? };
+    }
+    Ok(())
+}
+
+/// Makes the handlers inert in a forked child (a worker, or the child that executes a new
+/// leader): a signal that arrives before the child installs its own is not mistaken for the
+/// leader's.
 pub fn uninstall() {
     PIPE_WRITE.store(-1, Ordering::SeqCst);
 }

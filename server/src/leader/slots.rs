@@ -128,7 +128,12 @@ impl Slots {
 
     /// Serving slots at or above `target` (to shrink after TTOU), highest first.
     pub fn excess_slots(&self, target: u32) -> Vec<u32> {
-        self.serving.keys().rev().copied().filter(|s| *s >= target).collect()
+        self.serving
+            .keys()
+            .rev()
+            .copied()
+            .filter(|s| *s >= target)
+            .collect()
     }
 
     /// A worker in `slot` failed at boot: doubles the wait before the next try, from 100 ms up

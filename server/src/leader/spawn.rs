@@ -6,6 +6,7 @@ use std::time::Duration;
 use pyo3::prelude::*;
 
 use super::Leader;
+use crate::hooks::{RequestHooks, WorkerObject, arg};
 use crate::worker::{Identity, WorkerConfig, WorkerExit};
 use crate::wsgi::Wsgi;
 use crate::wsgi::environ::TrustedProxies;
@@ -14,13 +15,54 @@ use crate::wsgi::environ::TrustedProxies;
 /// keep-alive connections cost a few kilobytes here, so the bound is higher).
 const MAX_CONNECTIONS: usize = 10_000;
 
-/// Boots and runs a worker in the forked child. Returns its exit status.
-pub fn worker_main(py: Python<'_>, leader: &Leader, slot: u32, _age: u64) -> WorkerExit {
+/// Boots and runs a worker in the forked child, then calls `worker_exit`. Returns its exit
+/// status.
+///
+/// Order (gunicorn's, with the signal handlers moved first): reset the inherited signal state,
+/// install the worker's handlers and the profiler doorbell, `post_fork(server, worker)`, import
+/// the app (unless preloaded), `post_worker_init(worker)`, serve. Nothing touches a signal
+/// handler after the hooks, so handlers they install stay.
+pub fn worker_main(
+    py: Python<'_>,
+    leader: &Leader,
+    slot: u32,
+    age: u64,
+    worker: Py<WorkerObject>,
+) -> WorkerExit {
+    let exit = boot_and_serve(py, leader, slot, age, &worker);
+    if let Ok(mut w) = worker.try_borrow_mut(py) {
+        w.alive = false;
+    }
+    let _ = crate::hooks::call(py, &leader.hooks, "worker_exit", || {
+        Ok(vec![arg(py, &leader.server), arg(py, &worker)])
+    });
+    exit
+}
+
+fn boot_and_serve(
+    py: Python<'_>,
+    leader: &Leader,
+    slot: u32,
+    _age: u64,
+    worker: &Py<WorkerObject>,
+) -> WorkerExit {
     crate::worker::signals::reset_inherited();
     super::signals::uninstall();
+    // The leader paused the collector for the preload import (python::disable_gc).
+    let _ = crate::python::enable_gc(py);
     crate::proctitle::set(&crate::proctitle::worker_title(slot, &leader.app_name));
     let pid = std::process::id();
     let leader_pid = nix::unistd::getppid().as_raw() as u32;
+    if let Ok(mut w) = worker.try_borrow_mut(py)
+        && let Ok(p) = pid.into_pyobject(py)
+    {
+        w.pid = p.into_any().unbind();
+    }
+    crate::worker::signals::set_hooks(crate::worker::signals::SignalHooks {
+        worker: worker.clone_ref(py),
+        worker_int: leader.hooks.worker_int.as_ref().map(|h| h.clone_ref(py)),
+        worker_abort: leader.hooks.worker_abort.as_ref().map(|h| h.clone_ref(py)),
+    });
     if let Some(rt) = &leader.runtime
         && let Err(e) = crate::runtime_dir::announce(
             rt,
@@ -32,7 +74,7 @@ pub fn worker_main(py: Python<'_>, leader: &Leader, slot: u32, _age: u64) -> Wor
     {
         log::warn!("cannot write to the runtime directory: {e}");
     }
-    let wakeup = match crate::worker::signals::install(py) {
+    let wakeup = match crate::worker::signals::install(py, &leader.settings.errorlog) {
         Ok(fd) => fd,
         Err(e) => {
             log::error!(
@@ -56,25 +98,42 @@ pub fn worker_main(py: Python<'_>, leader: &Leader, slot: u32, _age: u64) -> Wor
             );
         }
     }
+    // SIGUSR2 was held back while the worker booted; from here on it is answered (by the
+    // doorbell, or by whatever handler a hook installs).
+    let mut usr2 = nix::sys::signal::SigSet::empty();
+    usr2.add(nix::sys::signal::Signal::SIGUSR2);
+    let _ = usr2.thread_unblock();
+
+    // gunicorn: an exception in post_fork is a boot error of this worker.
+    if crate::hooks::call(py, &leader.hooks, "post_fork", || {
+        Ok(vec![arg(py, &leader.server), arg(py, worker)])
+    })
+    .is_err()
+    {
+        return WorkerExit::BootError;
+    }
 
     let app = match &leader.preloaded {
         Some(app) => app.clone_ref(py),
-        None => match crate::python::import_app(py, &leader.spec) {
-            Ok(app) => {
-                // An app imported here may have taken SIGUSR2 at import; it is the doorbell.
-                if let Err(e) = crate::profiler::reclaim_doorbell(py) {
-                    log::error!(
-                        "profiler set-up failed:\n{}",
-                        crate::python::format_exception(e)
-                    );
+        None => {
+            // An app imported here may take SIGUSR2 at import: put back what was there before
+            // (the doorbell, or a post_fork hook's handler).
+            // A ring that arrives meanwhile waits for the restored handler.
+            let _ = usr2.thread_block();
+            let before = usr2_handler(py);
+            let imported = crate::python::import_app(py, &leader.spec);
+            if imported.is_ok() {
+                restore_usr2(py, before);
+            }
+            let _ = usr2.thread_unblock();
+            match imported {
+                Ok(app) => app,
+                Err(e) => {
+                    log::error!("Exception in worker process\n{e:#}");
+                    return WorkerExit::AppLoadError;
                 }
-                app
             }
-            Err(e) => {
-                log::error!("Exception in worker process\n{e:#}");
-                return WorkerExit::AppLoadError;
-            }
-        },
+        }
     };
 
     let settings = &leader.settings;
@@ -114,11 +173,35 @@ pub fn worker_main(py: Python<'_>, leader: &Leader, slot: u32, _age: u64) -> Wor
             return WorkerExit::BootError;
         }
     };
+    if crate::hooks::call(py, &leader.hooks, "post_worker_init", || {
+        Ok(vec![arg(py, worker)])
+    })
+    .is_err()
+    {
+        return WorkerExit::BootError;
+    }
+    if let Ok(mut w) = worker.try_borrow_mut(py) {
+        w.booted = true;
+    }
+    let request_hooks = (leader.hooks.pre_request.is_some() || leader.hooks.post_request.is_some())
+        .then(|| RequestHooks {
+            worker: worker.clone_ref(py),
+            pre_request: leader.hooks.pre_request.as_ref().map(|h| h.clone_ref(py)),
+            post_request: leader.hooks.post_request.as_ref().map(|h| h.clone_ref(py)),
+        });
     let id = Identity {
         slot,
         heartbeats: leader.heartbeats,
     };
-    let exit = match crate::worker::serve(py, id, &config, &leader.listeners, wsgi, wakeup) {
+    let exit = match crate::worker::serve(
+        py,
+        id,
+        &config,
+        &leader.listeners,
+        wsgi,
+        wakeup,
+        request_hooks,
+    ) {
         Ok(exit) => exit,
         Err(e) => {
             log::error!("worker event loop failed: {e}");
@@ -128,6 +211,43 @@ pub fn worker_main(py: Python<'_>, leader: &Leader, slot: u32, _age: u64) -> Wor
     crate::profiler::on_worker_exit(py, "worker stopped");
     crate::python::run_exit_functions(py);
     exit
+}
+
+/// The Python-level SIGUSR2 handler now installed.
+fn usr2_handler(py: Python<'_>) -> Option<Py<PyAny>> {
+    let signal = py.import("signal").ok()?;
+    let usr2 = signal.getattr("SIGUSR2").ok()?;
+    signal
+        .call_method1("getsignal", (usr2,))
+        .ok()
+        .map(Bound::unbind)
+}
+
+/// Puts `before` back as the SIGUSR2 handler if the app's import replaced it.
+fn restore_usr2(py: Python<'_>, before: Option<Py<PyAny>>) {
+    let Some(before) = before else {
+        return;
+    };
+    let Some(now) = usr2_handler(py) else {
+        return;
+    };
+    if now.bind(py).is(before.bind(py)) {
+        return;
+    }
+    log::warn!(
+        "the application installed a SIGUSR2 handler while it was imported in the worker; it is \
+         replaced by the one installed before the import (the profiler doorbell, or your \
+         post_fork hook's). Register it in post_fork or post_worker_init instead."
+    );
+    let result = py.import("signal").and_then(|signal| {
+        signal.call_method1("signal", (signal.getattr("SIGUSR2")?, before.bind(py)))
+    });
+    if let Err(e) = result {
+        log::error!(
+            "cannot restore the SIGUSR2 handler:\n{}",
+            crate::python::format_exception(e)
+        );
+    }
 }
 
 /// `max_requests` plus a random 0..=jitter, so workers do not all restart at once.

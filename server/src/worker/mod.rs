@@ -105,6 +105,9 @@ struct Shared {
     busy_since: Vec<AtomicU64>,
     /// Wakes each loop when `stopping` or `exit_now` changes.
     wakers: Vec<mio::Waker>,
+    /// `pre_request` / `post_request` from the config file; `None` (the common case) costs
+    /// one check per request.
+    hooks: Option<crate::hooks::RequestHooks>,
 }
 
 impl Shared {
@@ -149,6 +152,7 @@ pub fn serve(
     listeners: &[Listener],
     wsgi: Wsgi,
     wakeup: OwnedFd,
+    hooks: Option<crate::hooks::RequestHooks>,
 ) -> std::io::Result<WorkerExit> {
     let threads = config.threads.max(1);
     let mut polls = Vec::with_capacity(threads);
@@ -167,6 +171,7 @@ pub fn serve(
         exit_now: AtomicBool::new(false),
         busy_since: (0..threads).map(|_| AtomicU64::new(0)).collect(),
         wakers,
+        hooks,
     });
     let mut loops = Vec::with_capacity(threads);
     for (index, poll) in polls.into_iter().enumerate() {
@@ -367,6 +372,7 @@ impl EventLoop {
                 log::error!("cannot reopen log files: {e}");
             }
             self.shared.wsgi.reopen_access_log();
+            Python::attach(signals::reopen_fault_log);
         }
         false
     }
@@ -466,7 +472,12 @@ impl EventLoop {
                     let pending = std::mem::take(&mut conn.out);
                     let busy = &self.shared.busy_since[self.index];
                     busy.store(crate::heartbeat::now_ms(), Ordering::Relaxed);
-                    let done = Python::attach(|py| self.shared.wsgi.handle(py, req, fd, pending));
+                    let done = match &self.shared.hooks {
+                        None => Python::attach(|py| self.shared.wsgi.handle(py, req, fd, pending)),
+                        Some(hooks) => Python::attach(|py| {
+                            hooked_request(py, hooks, &self.shared.wsgi, req, fd, pending)
+                        }),
+                    };
                     busy.store(0, Ordering::Relaxed);
                     if !self.complete(key, done) {
                         return;
@@ -535,4 +546,66 @@ impl EventLoop {
             }
         }
     }
+}
+
+/// The 500 gunicorn sends when `pre_request` raises (the app is not called).
+const HOOK_ERROR: &[u8] = b"HTTP/1.1 500 Internal Server Error\r\n\
+Connection: close\r\nContent-Type: text/plain\r\nContent-Length: 21\r\n\r\n\
+Internal Server Error";
+
+/// One request with the config file's `pre_request(worker, req)` before and
+/// `post_request(worker, req, environ, resp)` after, as gunicorn calls them. A raising
+/// `pre_request` answers 500 without calling the app; a raising `post_request` is only logged.
+fn hooked_request(
+    py: Python<'_>,
+    hooks: &crate::hooks::RequestHooks,
+    wsgi: &Wsgi,
+    req: crate::wsgi::Request,
+    fd: std::os::fd::RawFd,
+    mut pending: Vec<u8>,
+) -> Completion {
+    let head = req.head.clone();
+    let peer = req.peer.clone();
+    let request = match Bound::new(py, crate::hooks::request_object(&head)) {
+        Ok(r) => r,
+        Err(e) => {
+            log::error!("{}", crate::python::format_exception(e));
+            return wsgi.handle(py, req, fd, pending);
+        }
+    };
+    if let Some(pre) = &hooks.pre_request
+        && crate::hooks::call_hook(py, pre, "pre_request", || {
+            Ok(vec![
+                crate::hooks::arg(py, &hooks.worker),
+                request.clone().into_any(),
+            ])
+        })
+        .is_err()
+    {
+        pending.extend_from_slice(HOOK_ERROR);
+        return Completion {
+            keep_alive: false,
+            pending,
+            status: 500,
+            ..Completion::default()
+        };
+    }
+    let done = wsgi.handle(py, req, fd, pending);
+    if let Some(post) = &hooks.post_request {
+        let _ = crate::hooks::call_hook(py, post, "post_request", || {
+            let environ = crate::wsgi::environ::base_environ(py, false, false)?;
+            crate::wsgi::environ::fill(py, &environ, &head, &peer, "")?;
+            let response = Bound::new(
+                py,
+                crate::hooks::response_object(py, done.status, &done.headers, done.bytes_sent),
+            )?;
+            Ok(vec![
+                crate::hooks::arg(py, &hooks.worker),
+                request.clone().into_any(),
+                environ.into_any(),
+                response.into_any(),
+            ])
+        });
+    }
+    done
 }

@@ -11,11 +11,23 @@
 //! | INT, QUIT | quick: exit now (`SystemExit` is raised in the running request) |
 //! | USR1 | reopen log files |
 //! | USR2 | profiler doorbell (see [`crate::profiler`]) |
-//! | ABRT | sent by the leader on `--timeout`: `faulthandler` dumps every thread's stack, then the worker dies |
+//! | ABRT | sent by the leader on `--timeout`: `faulthandler` dumps every thread's stack to the error log at once, then the `worker_abort` hook runs and the worker exits |
 //! | WINCH | ignored (it is for the leader) |
+//!
+//! Nothing here runs after the config file's `post_fork` and `post_worker_init` hooks, so a
+//! handler those hooks install (say for USR2) stays installed. docs/SIGNALS.md has the full
+//! tables and the story of gunicorn's preload trap.
+//!
+//! # Timeout stacks
+//! `faulthandler.enable()` is called *after* the Python-level ABRT handler is set: on ABRT its
+//! C handler writes every thread's stack at once (it needs neither the GIL nor the main
+//! thread), then hands the signal to the handler it found, CPython's, which schedules
+//! `_forkscope_on_abort` (hook, then exit). When Python cannot get there (C code holding the
+//! GIL), the stacks are already in the log and the leader's KILL follows.
 
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, signal, sigprocmask};
 use pyo3::prelude::*;
@@ -27,13 +39,66 @@ pub static GRACEFUL_STOP: AtomicBool = AtomicBool::new(false);
 /// Set by USR1: reopen the log files.
 pub static REOPEN_LOGS: AtomicBool = AtomicBool::new(false);
 
+/// What the INT/QUIT and ABRT handlers call: the `worker_int` / `worker_abort` hooks with this
+/// worker's object.
+pub struct SignalHooks {
+    /// The worker object of [`crate::hooks`].
+    pub worker: Py<crate::hooks::WorkerObject>,
+    /// `worker_int(worker)`, on INT and QUIT.
+    pub worker_int: Option<Py<PyAny>>,
+    /// `worker_abort(worker)`, on ABRT (timeout).
+    pub worker_abort: Option<Py<PyAny>>,
+}
+
+static SIGNAL_HOOKS: OnceLock<SignalHooks> = OnceLock::new();
+
+/// The error-log file descriptor faulthandler writes to (-1: stderr).
+static FAULT_FD: AtomicI32 = AtomicI32::new(-1);
+/// The error log's path when it is a file (for [`reopen_fault_log`]).
+static FAULT_PATH: OnceLock<std::path::PathBuf> = OnceLock::new();
+
+/// Makes the signal handlers call the worker's hooks. Call once, right after fork.
+pub fn set_hooks(hooks: SignalHooks) {
+    let _ = SIGNAL_HOOKS.set(hooks);
+}
+
+fn run_signal_hook(py: Python<'_>, name: &'static str) {
+    let Some(h) = SIGNAL_HOOKS.get() else {
+        return;
+    };
+    if let Ok(mut w) = h.worker.try_borrow_mut(py) {
+        w.alive = false;
+    }
+    let hook = match name {
+        "worker_int" => &h.worker_int,
+        _ => &h.worker_abort,
+    };
+    if let Some(hook) = hook {
+        let _ = crate::hooks::call_hook(py, hook, name, || {
+            Ok(vec![crate::hooks::arg(py, &h.worker)])
+        });
+    }
+}
+
+#[pyfunction]
+fn _forkscope_on_abort(py: Python<'_>, _signum: i32, _frame: Bound<'_, PyAny>) {
+    // faulthandler has already written every thread's stack to the error log.
+    run_signal_hook(py, "worker_abort");
+    log::info!("Worker exiting (pid: {})", std::process::id());
+    crate::python::run_exit_functions(py);
+    log::logger().flush();
+    // SAFETY: ends the process at once; nothing after it runs.
+    unsafe { libc::_exit(1) }
+}
+
 #[pyfunction]
 fn _forkscope_on_term(_signum: i32, _frame: Bound<'_, PyAny>) {
     GRACEFUL_STOP.store(true, Ordering::SeqCst);
 }
 
 #[pyfunction]
-fn _forkscope_on_quit(_signum: i32, _frame: Bound<'_, PyAny>) -> PyResult<()> {
+fn _forkscope_on_quit(py: Python<'_>, _signum: i32, _frame: Bound<'_, PyAny>) -> PyResult<()> {
+    run_signal_hook(py, "worker_int");
     Err(pyo3::exceptions::PySystemExit::new_err(0))
 }
 
@@ -68,11 +133,12 @@ pub fn reset_inherited() {
 }
 
 /// Installs the worker's Python-level handlers and the wakeup fd the event loop watches.
+/// `errorlog` is `--error-logfile`: when it is a file, timeout stacks go there.
 /// Returns the read end of the wakeup pipe (non-blocking).
 ///
 /// # Errors
 /// The pipe cannot be created or CPython refuses a handler.
-pub fn install(py: Python<'_>) -> PyResult<OwnedFd> {
+pub fn install(py: Python<'_>, errorlog: &str) -> PyResult<OwnedFd> {
     let signal_mod = py.import("signal")?;
     let module = PyModule::new(py, "_forkscope_signals")?;
     let set = |sig: &str, f: Bound<'_, PyAny>| -> PyResult<()> {
@@ -98,12 +164,19 @@ pub fn install(py: Python<'_>) -> PyResult<OwnedFd> {
     set("SIGWINCH", signal_mod.getattr("SIG_IGN")?)?;
     // A TERM must not interrupt a system call the app is in (gunicorn: siginterrupt False).
     signal_mod.call_method1("siginterrupt", (signal_mod.getattr("SIGTERM")?, false))?;
-    // Stack traces of every thread before a timeout kill.
-    py.import("faulthandler")?.call_method(
-        "enable",
-        (),
-        Some(&[("all_threads", true)].into_py_dict(py)?),
+    // The ABRT handler first, then faulthandler, which chains to it (module docs).
+    set(
+        "SIGABRT",
+        wrap_pyfunction!(_forkscope_on_abort, &module)?.into_any(),
     )?;
+    if errorlog != "-" {
+        let _ = FAULT_PATH.set(std::path::PathBuf::from(errorlog));
+        match open_fault_log() {
+            Ok(fd) => FAULT_FD.store(fd, Ordering::SeqCst),
+            Err(e) => log::warn!("cannot open {errorlog} for stack dumps: {e}"),
+        }
+    }
+    enable_faulthandler(py)?;
 
     let (read, write) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)
@@ -116,6 +189,48 @@ pub fn install(py: Python<'_>) -> PyResult<OwnedFd> {
     // The write end must stay open for the life of the worker.
     std::mem::forget(write);
     Ok(read)
+}
+
+fn open_fault_log() -> std::io::Result<i32> {
+    let path = FAULT_PATH.get().ok_or(std::io::ErrorKind::NotFound)?;
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)?;
+    Ok(file.into_raw_fd())
+}
+
+/// Stack traces of every thread on a fatal signal (and on the leader's ABRT), to the error-log
+/// file when there is one, else to stderr.
+fn enable_faulthandler(py: Python<'_>) -> PyResult<()> {
+    let fd = FAULT_FD.load(Ordering::SeqCst);
+    let kwargs = [("all_threads", true)].into_py_dict(py)?;
+    if fd >= 0 {
+        kwargs.set_item("file", fd)?;
+    }
+    py.import("faulthandler")?
+        .call_method("enable", (), Some(&kwargs))?;
+    Ok(())
+}
+
+/// USR1: points faulthandler at a freshly opened error-log file (log rotation).
+pub fn reopen_fault_log(py: Python<'_>) {
+    if FAULT_PATH.get().is_none() {
+        return;
+    }
+    match open_fault_log() {
+        Ok(fd) => {
+            let old = FAULT_FD.swap(fd, Ordering::SeqCst);
+            if let Err(e) = enable_faulthandler(py) {
+                log::error!("cannot point faulthandler at the new error log: {e}");
+            }
+            if old >= 0 {
+                // SAFETY: `old` was opened by open_fault_log and faulthandler no longer uses it.
+                unsafe { libc::close(old) };
+            }
+        }
+        Err(e) => log::error!("cannot reopen the error log for stack dumps: {e}"),
+    }
 }
 
 /// Under `--preload`, warns about Python-level handlers the app registered at import time (so

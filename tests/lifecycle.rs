@@ -1,0 +1,784 @@
+//! The leader's lifecycle on the real binary: reload (HUP), upgrade (USR2), scaling (TTIN/TTOU),
+//! recycling (max-requests), timeouts with stack traces, graceful stops, log rotation (USR1),
+//! WINCH, gunicorn config-file hooks, and the preload signal trap removed.
+//!
+//! The zero-failure tests run a bounded load from a client thread ([`Load`]) across the event
+//! and count every request that did not get a 200.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use forkscope_tests::client::parse_one;
+use forkscope_tests::{Server, ServerBuilder, procs, request, wait_for};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// The app these tests serve, written into the test's own folder (so HUP can change it).
+fn app_source(version: &str) -> String {
+    format!(
+        r#"import os, time
+from urllib.parse import parse_qs
+
+VERSION = "{version}"
+
+
+def app(environ, start_response):
+    path = environ["PATH_INFO"]
+    q = {{k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}}
+    if path == "/slow":
+        with open(q["marker"], "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(float(q.get("s", "1")))
+        body = b"slow done"
+    elif path == "/pid":
+        body = str(os.getpid()).encode()
+    elif path == "/error":
+        raise RuntimeError("lifecycle error " + q.get("tag", ""))
+    else:
+        body = VERSION.encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+"#
+    )
+}
+
+/// A folder holding `lc_app.py` (and whatever a test adds).
+fn app_dir(version: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("lc_app.py"), app_source(version)).expect("write app");
+    dir
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// One `GET path` on a new connection; the body on a 200, else why not.
+fn get(addr: SocketAddr, path: &str) -> Result<String, String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).map_err(|e| format!("read: {e}"))?;
+    match parse_one(&out, false) {
+        Some((r, _)) if r.status == 200 => Ok(r.text()),
+        Some((r, _)) => Err(format!("status {}", r.status)),
+        None => Err(format!(
+            "no response ({:?})",
+            String::from_utf8_lossy(&out[..out.len().min(200)])
+        )),
+    }
+}
+
+/// A client thread sending `GET /` one after another until stopped; counts what failed.
+struct Load {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    handle: JoinHandle<(u64, Vec<String>)>,
+}
+
+impl Load {
+    fn start(addr: SocketAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
+        let flag = Arc::clone(&stop);
+        let counter = Arc::clone(&done);
+        let handle = std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            // Bounded: at most 100k requests, paced so the server keeps some CPU.
+            for _ in 0..100_000 {
+                if flag.load(Ordering::SeqCst) {
+                    break;
+                }
+                match get(addr, "/") {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(e),
+                }
+                counter.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (ok, failed)
+        });
+        Self { stop, done, handle }
+    }
+
+    /// Waits until `n` more requests have completed (so the load spans what came before).
+    fn wait_requests(&self, n: u64) {
+        let target = self.done.load(Ordering::SeqCst) + n;
+        wait_for("the load to go on", Duration::from_secs(60), || {
+            (self.done.load(Ordering::SeqCst) >= target).then_some(())
+        });
+    }
+
+    /// Stops the client; panics unless every request succeeded (and there were some).
+    fn finish(self, what: &str) {
+        self.stop.store(true, Ordering::SeqCst);
+        let (ok, failed) = self.handle.join().expect("load thread");
+        assert!(
+            failed.is_empty(),
+            "{what}: {} of {} requests failed, first: {:?}",
+            failed.len(),
+            ok + failed.len() as u64,
+            failed.first()
+        );
+        assert!(ok > 0, "{what}: no request ran");
+    }
+}
+
+fn pids(s: &Server) -> Vec<i32> {
+    s.workers().into_iter().map(|(_, p)| p).collect()
+}
+
+#[test]
+fn hup_reloads_config_and_preloaded_code_without_failed_requests() {
+    let dir = app_dir("version-one");
+    let conf = dir.path().join("gunicorn.conf.py");
+    std::fs::write(&conf, "preload_app = True\n").expect("conf");
+    let s = ServerBuilder::new("lc_app:app")
+        .chdir(dir.path())
+        .workers(2)
+        .args(&["-c", path_str(&conf)])
+        .start();
+    let leader = s.pid();
+    assert_eq!(get(s.addr, "/").as_deref(), Ok("version-one"));
+    let old = pids(&s);
+    let load = Load::start(s.addr);
+    load.wait_requests(20);
+
+    // New code (another length, so the cached bytecode is not reused) and a new setting.
+    std::fs::write(dir.path().join("lc_app.py"), app_source("version-two!")).expect("app");
+    std::fs::write(&conf, "preload_app = True\nproc_name = 'reloaded'\n").expect("conf");
+    s.signal(Signal::SIGHUP);
+    wait_for("the new code to answer", Duration::from_secs(60), || {
+        (get(s.addr, "/").as_deref() == Ok("version-two!")).then_some(())
+    });
+    wait_for("only new workers", Duration::from_secs(60), || {
+        let now = pids(&s);
+        (now.len() == 2 && now.iter().all(|p| !old.contains(p))).then_some(())
+    });
+    // A few more requests on the new generation, then count.
+    load.wait_requests(20);
+    load.finish("HUP");
+    assert_eq!(s.pid(), leader, "the leader keeps its PID");
+    // The new config's proc_name names the leader and the new workers.
+    assert_eq!(
+        procs::title(leader).as_deref(),
+        Some("forkscope-server: leader [reloaded]")
+    );
+    for (slot, pid) in s.workers() {
+        assert_eq!(
+            procs::title(pid),
+            Some(format!("forkscope-server: worker {slot} [reloaded]"))
+        );
+    }
+    let log = s.log_text();
+    assert!(log.contains("reload: configuration re-read"), "{log}");
+    assert!(
+        log.contains("reload: the application was imported again"),
+        "{log}"
+    );
+}
+
+#[test]
+fn hup_with_a_broken_app_keeps_serving_the_old_code() {
+    let dir = app_dir("still-good");
+    let s = ServerBuilder::new("lc_app:app")
+        .chdir(dir.path())
+        .args(&["--preload"])
+        .start();
+    let old = pids(&s);
+    std::fs::write(
+        dir.path().join("lc_app.py"),
+        "raise ImportError('half-deployed')\n",
+    )
+    .expect("app");
+    s.signal(Signal::SIGHUP);
+    s.wait_log(
+        "the application failed to import; the workers keep the old one",
+        Duration::from_secs(30),
+    );
+    assert!(s.log_text().contains("ImportError: half-deployed"));
+    wait_for("a replaced worker", Duration::from_secs(30), || {
+        let now = pids(&s);
+        (now.len() == 1 && now != old).then_some(())
+    });
+    assert_eq!(get(s.addr, "/").as_deref(), Ok("still-good"));
+}
+
+/// Kills a leader started by USR2 (not our child) when the test ends.
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let pid = Pid::from_raw(self.0);
+        let workers = procs::workers(self.0);
+        let _ = kill(pid, Signal::SIGTERM);
+        for _ in 0..1000 {
+            if !procs::alive(self.0) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = kill(pid, Signal::SIGKILL);
+        for (_, w) in workers {
+            let _ = kill(Pid::from_raw(w), Signal::SIGKILL);
+        }
+    }
+}
+
+#[test]
+fn usr2_upgrades_in_place_and_term_of_the_old_leader_fails_no_request() {
+    let dir = app_dir("upgradable");
+    let pidfile = dir.path().join("server.pid");
+    let oldbin = dir.path().join("server.pid.oldbin");
+    let mut s = ServerBuilder::new("lc_app:app")
+        .chdir(dir.path())
+        .workers(2)
+        .args(&["--pid", path_str(&pidfile)])
+        .start();
+    let old_leader = s.pid();
+    let load = Load::start(s.addr);
+    load.wait_requests(20);
+
+    s.signal(Signal::SIGUSR2);
+    let new_leader = wait_for("the new leader's pid file", Duration::from_secs(60), || {
+        let old = std::fs::read_to_string(&oldbin).ok()?;
+        let new: i32 = std::fs::read_to_string(&pidfile)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        (old.trim() == old_leader.to_string() && new != old_leader).then_some(new)
+    });
+    let _guard = KillOnDrop(new_leader);
+    assert_eq!(procs::parent(new_leader), Some(old_leader));
+    wait_for("the new leader's title", Duration::from_secs(30), || {
+        (procs::title(new_leader).as_deref() == Some("forkscope-server: leader [lc_app:app]"))
+            .then_some(())
+    });
+    wait_for("the new leader's workers", Duration::from_secs(60), || {
+        (procs::workers(new_leader).len() == 2).then_some(())
+    });
+
+    // Both generations serve; now the old one goes.
+    s.signal(Signal::SIGTERM);
+    assert_eq!(s.wait_exit(Duration::from_secs(60)), Some(0));
+    assert!(
+        !oldbin.exists(),
+        "the old leader removes its .oldbin pid file"
+    );
+    // The new leader alone serves the same socket.
+    let served_by = wait_for(
+        "a request served by the new generation",
+        Duration::from_secs(30),
+        || {
+            let pid: i32 = get(s.addr, "/pid").ok()?.parse().ok()?;
+            Some(pid)
+        },
+    );
+    assert!(
+        procs::workers(new_leader)
+            .iter()
+            .any(|(_, p)| *p == served_by),
+        "served by a worker of the new leader"
+    );
+    load.wait_requests(20);
+    load.finish("USR2 + TERM of the old leader");
+    assert_eq!(
+        std::fs::read_to_string(&pidfile).expect("pid file").trim(),
+        new_leader.to_string()
+    );
+    s.wait_log("this leader is promoted", Duration::from_secs(30));
+}
+
+#[test]
+fn ttin_ttou_and_max_requests_recycling_fail_no_request() {
+    let dir = app_dir("scaled");
+    let s = ServerBuilder::new("lc_app:app")
+        .chdir(dir.path())
+        .workers(2)
+        .args(&["--max-requests", "25", "--max-requests-jitter", "5"])
+        .start();
+    let first = pids(&s);
+    let load = Load::start(s.addr);
+    load.wait_requests(20);
+    s.signal(Signal::SIGTTIN);
+    wait_for("three workers", Duration::from_secs(60), || {
+        (s.workers()
+            .iter()
+            .map(|(slot, _)| *slot)
+            .collect::<Vec<_>>()
+            == vec![0, 1, 2])
+        .then_some(())
+    });
+    s.signal(Signal::SIGTTOU);
+    wait_for("two workers again", Duration::from_secs(60), || {
+        (s.workers()
+            .iter()
+            .map(|(slot, _)| *slot)
+            .collect::<Vec<_>>()
+            == vec![0, 1])
+        .then_some(())
+    });
+    wait_for("recycled workers", Duration::from_secs(120), || {
+        let now = pids(&s);
+        (now.len() == 2 && now.iter().all(|p| !first.contains(p))).then_some(())
+    });
+    load.wait_requests(20);
+    load.finish("TTIN/TTOU/max-requests");
+    assert!(
+        s.log_text()
+            .contains("Autorestarting worker after current request.")
+    );
+}
+
+#[test]
+fn winch_stops_the_workers_and_keeps_the_leader() {
+    let dir = app_dir("winch");
+    let mut s = ServerBuilder::new("lc_app:app")
+        .chdir(dir.path())
+        .workers(2)
+        .start();
+    s.signal(Signal::SIGWINCH);
+    wait_for("no workers", Duration::from_secs(60), || {
+        s.workers().is_empty().then_some(())
+    });
+    s.assert_running();
+    s.signal(Signal::SIGTTOU);
+    s.signal(Signal::SIGHUP);
+    wait_for("workers back after HUP", Duration::from_secs(60), || {
+        (s.workers().len() == 2).then_some(())
+    });
+    assert_eq!(get(s.addr, "/").as_deref(), Ok("winch"));
+}
+
+#[test]
+fn a_hung_request_yields_its_traceback_in_the_log_and_a_fresh_worker() {
+    let dir = app_dir("hung");
+    let record = dir.path().join("abort.txt");
+    let conf = dir.path().join("gunicorn.conf.py");
+    std::fs::write(
+        &conf,
+        format!(
+            "import os\n\ndef worker_abort(worker):\n    with open({:?}, 'a') as f:\n        f.write('%s %s\\n' % (worker.pid, worker.slot))\n",
+            path_str(&record)
+        ),
+    )
+    .expect("conf");
+    let s = ServerBuilder::new("lc_app:app")
+        .chdir(dir.path())
+        .args(&["-c", path_str(&conf), "--timeout", "3"])
+        .start();
+    // Served means booted (a slow boot under load is itself subject to --timeout).
+    let victim: i32 = get(s.addr, "/pid").expect("pid").parse().expect("pid");
+    let slot = s
+        .workers()
+        .into_iter()
+        .find(|(_, p)| *p == victim)
+        .expect("the worker")
+        .0;
+    let marker = dir.path().join("in-flight");
+    let addr = s.addr;
+    let q = format!("/slow?s=120&marker={}", path_str(&marker));
+    let hung = std::thread::spawn(move || get(addr, &q));
+    s.wait_log(
+        &format!("WORKER TIMEOUT (pid:{victim})"),
+        Duration::from_secs(60),
+    );
+    let fresh = wait_for(
+        "a fresh worker in the slot",
+        Duration::from_secs(60),
+        || {
+            let w = s.workers();
+            (w.len() == 1 && w[0].1 != victim).then_some(w[0])
+        },
+    );
+    assert_eq!(fresh.0, slot);
+    assert!(
+        hung.join().expect("client").is_err(),
+        "the hung request was cut"
+    );
+    let log = wait_for("the stack dump", Duration::from_secs(30), || {
+        let log = s.log_text();
+        (log.contains("lc_app.py") && log.contains("in app")).then_some(log)
+    });
+    assert!(log.contains("most recent call first"), "{log}");
+    let abort = wait_for("the worker_abort hook", Duration::from_secs(30), || {
+        std::fs::read_to_string(&record).ok()
+    });
+    assert_eq!(abort.trim(), format!("{victim} {slot}"));
+    assert_eq!(get(s.addr, "/").as_deref(), Ok("hung"));
+}
+
+#[test]
+fn term_lets_a_slow_request_in_flight_finish() {
+    let dir = app_dir("slow");
+    let mut s = ServerBuilder::new("lc_app:app").chdir(dir.path()).start();
+    let marker = dir.path().join("in-flight");
+    let addr = s.addr;
+    let q = format!("/slow?s=2&marker={}", path_str(&marker));
+    let slow = std::thread::spawn(move || get(addr, &q));
+    wait_for("the request in the app", Duration::from_secs(30), || {
+        marker.exists().then_some(())
+    });
+    s.signal(Signal::SIGTERM);
+    assert_eq!(
+        slow.join().expect("client").as_deref(),
+        Ok("slow done"),
+        "the in-flight request finished"
+    );
+    assert_eq!(s.wait_exit(Duration::from_secs(60)), Some(0));
+}
+
+#[test]
+fn usr1_after_moving_the_log_file_writes_a_new_file() {
+    let dir = app_dir("rotated");
+    let s = ServerBuilder::new("lc_app:app").chdir(dir.path()).start();
+    let moved = s.dir().join("error.log.1");
+    std::fs::rename(&s.log, &moved).expect("rotate");
+    s.signal(Signal::SIGUSR1);
+    // The leader and the worker both reopen: a line from each must reach the new file.
+    wait_for(
+        "worker lines in the new file",
+        Duration::from_secs(30),
+        || {
+            let _ = get(s.addr, "/error?tag=after-rotation");
+            s.log_text()
+                .contains("lifecycle error after-rotation")
+                .then_some(())
+        },
+    );
+    s.signal(Signal::SIGTTIN);
+    s.wait_log("Handling signal: ttin", Duration::from_secs(30));
+    let old = std::fs::read_to_string(&moved).expect("old log");
+    assert!(old.contains("Handling signal: usr1"), "{old}");
+    assert!(!old.contains("Handling signal: ttin"), "{old}");
+}
+
+/// A gunicorn.conf.py defining every hook; each call appends one JSON line to `record`.
+fn hooks_conf(record: &Path) -> String {
+    format!(
+        r#"import json, os, signal
+
+workers = 1
+_RECORD = {record:?}
+
+
+def _rec(hook, **kw):
+    kw["hook"] = hook
+    kw["in_pid"] = os.getpid()
+    with open(_RECORD, "a") as f:
+        f.write(json.dumps(kw, default=str) + "\n")
+
+
+def on_starting(server):
+    _rec("on_starting", server_pid=server.pid, workers=server.cfg.workers)
+
+def on_reload(server):
+    _rec("on_reload", server_pid=server.pid)
+
+def when_ready(server):
+    server.log.info("when_ready says %s", "hello")
+    _rec("when_ready", server_pid=server.pid)
+
+def pre_fork(server, worker):
+    _rec("pre_fork", server_pid=server.pid, worker_pid=worker.pid, age=worker.age, slot=worker.slot)
+
+def post_fork(server, worker):
+    _rec("post_fork", server_pid=server.pid, worker_pid=worker.pid, age=worker.age, slot=worker.slot)
+
+def post_worker_init(worker):
+    _rec("post_worker_init", worker_pid=worker.pid, slot=worker.slot)
+
+def worker_int(worker):
+    _rec("worker_int", worker_pid=worker.pid)
+
+def worker_abort(worker):
+    _rec("worker_abort", worker_pid=worker.pid)
+
+def pre_exec(server):
+    _rec("pre_exec", server_pid=server.pid)
+
+def pre_request(worker, req):
+    _rec("pre_request", worker_pid=worker.pid, method=req.method, path=req.path)
+
+def post_request(worker, req, environ, resp):
+    _rec("post_request", worker_pid=worker.pid, path=req.path, path_info=environ["PATH_INFO"], status=resp.status_code)
+
+def child_exit(server, worker):
+    _rec("child_exit", server_pid=server.pid, worker_pid=worker.pid, slot=worker.slot)
+
+def worker_exit(server, worker):
+    _rec("worker_exit", server_pid=server.pid, worker_pid=worker.pid)
+
+def nworkers_changed(server, new_value, old_value):
+    _rec("nworkers_changed", new=new_value, old=old_value)
+
+def on_exit(server):
+    _rec("on_exit", server_pid=server.pid)
+"#
+    )
+}
+
+fn records(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
+}
+
+fn position(recs: &[serde_json::Value], pred: impl Fn(&serde_json::Value) -> bool) -> usize {
+    recs.iter()
+        .position(pred)
+        .unwrap_or_else(|| panic!("no such hook call in {recs:#?}"))
+}
+
+#[test]
+fn a_gunicorn_conf_py_gets_every_hook_in_order_with_gunicorn_arguments() {
+    let dir = app_dir("hooked");
+    let record = dir.path().join("hooks.jsonl");
+    let conf = dir.path().join("gunicorn.conf.py");
+    std::fs::write(&conf, hooks_conf(&record)).expect("conf");
+    let mut s = ServerBuilder::new("lc_app:app")
+        .chdir(dir.path())
+        .args(&["-c", path_str(&conf)])
+        .start();
+    let leader = i64::from(s.pid());
+    let w1: i64 = get(s.addr, "/pid").expect("pid").parse().expect("pid");
+    wait_for("post_request", Duration::from_secs(30), || {
+        records(&record)
+            .iter()
+            .any(|r| r["hook"] == "post_request")
+            .then_some(())
+    });
+    s.signal(Signal::SIGTTIN);
+    wait_for("a second worker", Duration::from_secs(60), || {
+        records(&record)
+            .iter()
+            .any(|r| r["hook"] == "post_worker_init" && r["slot"] == 1)
+            .then_some(())
+    });
+    kill(Pid::from_raw(w1 as i32), Signal::SIGINT).expect("INT the worker");
+    wait_for(
+        "child_exit of the first worker",
+        Duration::from_secs(30),
+        || {
+            records(&record)
+                .iter()
+                .any(|r| r["hook"] == "child_exit" && r["worker_pid"] == w1)
+                .then_some(())
+        },
+    );
+    s.signal(Signal::SIGHUP);
+    wait_for("on_reload", Duration::from_secs(30), || {
+        records(&record)
+            .iter()
+            .any(|r| r["hook"] == "on_reload")
+            .then_some(())
+    });
+    s.signal(Signal::SIGTERM);
+    assert_eq!(s.wait_exit(Duration::from_secs(60)), Some(0));
+    let recs = records(&record);
+    let hook = |i: usize| recs[i]["hook"].as_str().unwrap_or("?").to_owned();
+
+    // Start-up, in gunicorn's order.
+    assert_eq!(
+        (0..3).map(hook).collect::<Vec<_>>(),
+        ["nworkers_changed", "on_starting", "when_ready"]
+    );
+    assert_eq!(recs[0]["new"], 1);
+    assert_eq!(recs[0]["old"], serde_json::Value::Null);
+    assert_eq!(recs[1]["server_pid"], leader);
+    assert_eq!(recs[1]["in_pid"], leader);
+    assert_eq!(recs[1]["workers"], 1);
+    assert!(s.log_text().contains("when_ready says hello"));
+
+    // The first worker: pre_fork in the leader, then post_fork and post_worker_init in it.
+    let pre_fork = position(&recs, |r| r["hook"] == "pre_fork" && r["slot"] == 0);
+    assert_eq!(recs[pre_fork]["in_pid"], leader);
+    assert_eq!(recs[pre_fork]["worker_pid"], "[booting]");
+    assert_eq!(recs[pre_fork]["age"], 1);
+    let post_fork = position(&recs, |r| r["hook"] == "post_fork" && r["worker_pid"] == w1);
+    assert_eq!(recs[post_fork]["in_pid"], w1);
+    assert_eq!(recs[post_fork]["server_pid"], leader);
+    assert_eq!(recs[post_fork]["slot"], 0);
+    let init = position(&recs, |r| {
+        r["hook"] == "post_worker_init" && r["worker_pid"] == w1
+    });
+    assert!(pre_fork < post_fork && post_fork < init);
+
+    // The request.
+    let pre = position(&recs, |r| r["hook"] == "pre_request");
+    let post = position(&recs, |r| r["hook"] == "post_request");
+    assert!(init < pre && pre < post);
+    assert_eq!(recs[pre]["method"], "GET");
+    assert_eq!(recs[pre]["path"], "/pid");
+    assert_eq!(recs[pre]["in_pid"], w1);
+    assert_eq!(recs[post]["path_info"], "/pid");
+    assert_eq!(recs[post]["status"], 200);
+
+    // TTIN.
+    let grow = position(&recs, |r| r["hook"] == "nworkers_changed" && r["new"] == 2);
+    assert_eq!(recs[grow]["old"], 1);
+    let second = position(&recs, |r| r["hook"] == "pre_fork" && r["slot"] == 1);
+    assert!(grow < second);
+
+    // INT to a worker: worker_int and worker_exit in it, child_exit in the leader.
+    let int = position(&recs, |r| r["hook"] == "worker_int" && r["in_pid"] == w1);
+    let exit = position(&recs, |r| r["hook"] == "worker_exit" && r["in_pid"] == w1);
+    let child = position(&recs, |r| {
+        r["hook"] == "child_exit" && r["worker_pid"] == w1
+    });
+    assert!(int < exit && exit < child);
+    assert_eq!(recs[child]["in_pid"], leader);
+    assert_eq!(recs[child]["slot"], 0);
+
+    // HUP, then TERM: on_exit is the very last call, in the leader.
+    let reload = position(&recs, |r| r["hook"] == "on_reload");
+    assert_eq!(recs[reload]["in_pid"], leader);
+    assert_eq!(hook(recs.len() - 1), "on_exit");
+    assert_eq!(recs[recs.len() - 1]["in_pid"], leader);
+    assert!(!recs.iter().any(|r| r["hook"] == "worker_abort"));
+}
+
+#[test]
+fn a_failing_post_fork_is_a_boot_error_and_a_failing_on_starting_halts() {
+    let dir = app_dir("failing");
+    let conf = dir.path().join("gunicorn.conf.py");
+    std::fs::write(
+        &conf,
+        "def post_fork(server, worker):\n    raise ValueError('post_fork refuses')\n",
+    )
+    .expect("conf");
+    let mut s = ServerBuilder::new("lc_app:app")
+        .chdir(dir.path())
+        .args(&["-c", path_str(&conf)])
+        .no_wait()
+        .start();
+    assert_eq!(s.wait_exit(Duration::from_secs(60)), Some(4));
+    let log = s.log_text();
+    assert!(log.contains("Exception in post_fork hook"), "{log}");
+    assert!(log.contains("ValueError: post_fork refuses"), "{log}");
+    assert!(log.contains("failed to boot"), "{log}");
+
+    std::fs::write(
+        &conf,
+        "def on_starting(server):\n    raise ValueError('on_starting refuses')\n",
+    )
+    .expect("conf");
+    let mut s = ServerBuilder::new("lc_app:app")
+        .chdir(dir.path())
+        .args(&["-c", path_str(&conf)])
+        .no_wait()
+        .start();
+    assert_ne!(s.wait_exit(Duration::from_secs(60)), Some(0));
+    assert!(s.log_text().contains("ValueError: on_starting refuses"));
+}
+
+#[test]
+fn signal_handlers_installed_in_post_fork_and_post_worker_init_keep_working() {
+    let dir = app_dir("trap");
+    let usr2 = dir.path().join("usr2.txt");
+    let hup = dir.path().join("hup.txt");
+    let conf = dir.path().join("gunicorn.conf.py");
+    std::fs::write(
+        &conf,
+        format!(
+            r#"import os, signal
+
+def _writer(path):
+    def handler(signum, frame):
+        with open(path, "a") as f:
+            f.write("%d\n" % os.getpid())
+    return handler
+
+def post_fork(server, worker):
+    signal.signal(signal.SIGUSR2, _writer({usr2:?}))
+
+def post_worker_init(worker):
+    signal.signal(signal.SIGHUP, _writer({hup:?}))
+"#,
+            usr2 = path_str(&usr2),
+            hup = path_str(&hup)
+        ),
+    )
+    .expect("conf");
+    for preload in [false, true] {
+        let _ = std::fs::remove_file(&usr2);
+        let _ = std::fs::remove_file(&hup);
+        let mut args = vec!["-c", path_str(&conf)];
+        if preload {
+            args.push("--preload");
+        }
+        let s = ServerBuilder::new("lc_app:app")
+            .chdir(dir.path())
+            .args(&args)
+            .start();
+        // Served means booted: post_fork and post_worker_init have run.
+        let worker: i32 = get(s.addr, "/pid").expect("pid").parse().expect("pid");
+        kill(Pid::from_raw(worker), Signal::SIGUSR2).expect("USR2");
+        let ran = wait_for(
+            "the post_fork USR2 handler",
+            Duration::from_secs(30),
+            || {
+                std::fs::read_to_string(&usr2)
+                    .ok()
+                    .filter(|t| t.ends_with('\n'))
+            },
+        );
+        assert_eq!(ran.trim(), worker.to_string());
+        kill(Pid::from_raw(worker), Signal::SIGHUP).expect("HUP");
+        let ran = wait_for(
+            "the post_worker_init HUP handler",
+            Duration::from_secs(30),
+            || {
+                std::fs::read_to_string(&hup)
+                    .ok()
+                    .filter(|t| t.ends_with('\n'))
+            },
+        );
+        assert_eq!(ran.trim(), worker.to_string());
+        assert!(
+            procs::alive(worker),
+            "the worker lives (preload: {preload})"
+        );
+        assert_eq!(
+            get(s.addr, "/pid").as_deref(),
+            Ok(worker.to_string().as_str())
+        );
+        assert_eq!(s.workers()[0].1, worker);
+    }
+}
+
+#[test]
+fn the_leader_warns_about_handlers_a_preloaded_app_sets_at_import() {
+    let dir = app_dir("unused");
+    std::fs::write(
+        dir.path().join("lc_trap.py"),
+        "import signal\nsignal.signal(signal.SIGUSR2, lambda s, f: None)\n\
+         def app(environ, start_response):\n    start_response('200 OK', [])\n    return [b'ok']\n",
+    )
+    .expect("app");
+    let s = ServerBuilder::new("lc_trap:app")
+        .chdir(dir.path())
+        .args(&["--preload"])
+        .start();
+    s.wait_log(
+        "the application set a Python handler for SIGUSR2 at import time",
+        Duration::from_secs(10),
+    );
+    // The doorbell owns USR2 in the worker: the worker lives.
+    let worker = s.workers()[0].1;
+    kill(Pid::from_raw(worker), Signal::SIGUSR2).expect("USR2");
+    assert_eq!(request(s.addr, "GET", "/", &[], b"").status, 200);
+    assert!(procs::alive(worker));
+}
