@@ -139,9 +139,19 @@ fn pids(s: &Server) -> Vec<i32> {
 
 #[test]
 fn hup_reloads_config_and_preloaded_code_without_failed_requests() {
+    hup_reloads(true);
+}
+
+#[test]
+fn hup_reloads_config_and_code_without_failed_requests() {
+    hup_reloads(false);
+}
+
+fn hup_reloads(preload: bool) {
     let dir = app_dir("version-one");
     let conf = dir.path().join("gunicorn.conf.py");
-    std::fs::write(&conf, "preload_app = True\n").expect("conf");
+    let preload_line = format!("preload_app = {}\n", if preload { "True" } else { "False" });
+    std::fs::write(&conf, &preload_line).expect("conf");
     let s = ServerBuilder::new("lc_app:app")
         .chdir(dir.path())
         .workers(2)
@@ -155,7 +165,7 @@ fn hup_reloads_config_and_preloaded_code_without_failed_requests() {
 
     // New code (another length, so the cached bytecode is not reused) and a new setting.
     std::fs::write(dir.path().join("lc_app.py"), app_source("version-two!")).expect("app");
-    std::fs::write(&conf, "preload_app = True\nproc_name = 'reloaded'\n").expect("conf");
+    std::fs::write(&conf, format!("{preload_line}proc_name = 'reloaded'\n")).expect("conf");
     s.signal(Signal::SIGHUP);
     wait_for("the new code to answer", Duration::from_secs(60), || {
         (get(s.addr, "/").as_deref() == Ok("version-two!")).then_some(())
@@ -181,8 +191,9 @@ fn hup_reloads_config_and_preloaded_code_without_failed_requests() {
     }
     let log = s.log_text();
     assert!(log.contains("reload: configuration re-read"), "{log}");
-    assert!(
+    assert_eq!(
         log.contains("reload: the application was imported again"),
+        preload,
         "{log}"
     );
 }
@@ -239,10 +250,20 @@ fn usr2_upgrades_in_place_and_term_of_the_old_leader_fails_no_request() {
     let dir = app_dir("upgradable");
     let pidfile = dir.path().join("server.pid");
     let oldbin = dir.path().join("server.pid.oldbin");
+    let pre_exec = dir.path().join("pre_exec.txt");
+    let conf = dir.path().join("gunicorn.conf.py");
+    std::fs::write(
+        &conf,
+        format!(
+            "import os\n\ndef pre_exec(server):\n    with open({:?}, 'a') as f:\n        f.write('%s %s\\n' % (server.pid, os.getppid()))\n",
+            path_str(&pre_exec)
+        ),
+    )
+    .expect("conf");
     let mut s = ServerBuilder::new("lc_app:app")
         .chdir(dir.path())
         .workers(2)
-        .args(&["--pid", path_str(&pidfile)])
+        .args(&["-c", path_str(&conf), "--pid", path_str(&pidfile)])
         .start();
     let old_leader = s.pid();
     let load = Load::start(s.addr);
@@ -259,6 +280,13 @@ fn usr2_upgrades_in_place_and_term_of_the_old_leader_fails_no_request() {
         (old.trim() == old_leader.to_string() && new != old_leader).then_some(new)
     });
     let _guard = KillOnDrop(new_leader);
+    // pre_exec ran in the child that became the new leader, with the old leader as `server`.
+    assert_eq!(
+        std::fs::read_to_string(&pre_exec)
+            .expect("pre_exec ran")
+            .trim(),
+        format!("{old_leader} {old_leader}")
+    );
     assert_eq!(procs::parent(new_leader), Some(old_leader));
     wait_for("the new leader's title", Duration::from_secs(30), || {
         (procs::title(new_leader).as_deref() == Some("forkscope-server: leader [lc_app:app]"))
@@ -651,7 +679,7 @@ fn a_gunicorn_conf_py_gets_every_hook_in_order_with_gunicorn_arguments() {
 }
 
 #[test]
-fn a_failing_post_fork_is_a_boot_error_and_a_failing_on_starting_halts() {
+fn failing_hooks_are_handled_as_gunicorn_handles_them() {
     let dir = app_dir("failing");
     let conf = dir.path().join("gunicorn.conf.py");
     std::fs::write(
@@ -669,6 +697,20 @@ fn a_failing_post_fork_is_a_boot_error_and_a_failing_on_starting_halts() {
     assert!(log.contains("Exception in post_fork hook"), "{log}");
     assert!(log.contains("ValueError: post_fork refuses"), "{log}");
     assert!(log.contains("failed to boot"), "{log}");
+
+    std::fs::write(
+        &conf,
+        "def pre_request(worker, req):\n    if req.path == '/refused':\n        raise ValueError('pre_request refuses')\n",
+    )
+    .expect("conf");
+    let s = ServerBuilder::new("lc_app:app")
+        .chdir(dir.path())
+        .args(&["-c", path_str(&conf)])
+        .start();
+    assert_eq!(request(s.addr, "GET", "/refused", &[], b"").status, 500);
+    assert_eq!(get(s.addr, "/").as_deref(), Ok("failing"));
+    s.wait_log("ValueError: pre_request refuses", Duration::from_secs(10));
+    drop(s);
 
     std::fs::write(
         &conf,
