@@ -57,6 +57,11 @@ leaders=$(curl -s -H "Authorization: Bearer bench-$$" "http://$addr/v1/processes
 echo "machine: $(nproc) cores; sidecar sees leaders/workers: $leaders; PSS series: $series"
 measure "/metrics" "http://$addr/metrics"
 measure "/v1/processes" -H "Authorization: Bearer bench-$$" "http://$addr/v1/processes"
+for _ in $(seq 1 50); do
+    curl -s "http://$addr/metrics" | awk '/^forkscope_sidecar_scrape_duration_seconds/ {print $2}'
+done | sort -g | awk '{ t[NR] = $1 * 1000 } END {
+    printf "%-16s n=%d  p50=%.2f ms  (time spent reading /proc inside one scrape)\n", "/proc read", NR, t[int(NR * 0.5)] }'
+echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 pss=$(awk '/^Pss:/ {print $2}' "/proc/$sidecar/smaps_rollup")
 rss=$(awk '/^Rss:/ {print $2}' "/proc/$sidecar/smaps_rollup")
 echo "sidecar PSS: ${pss} kB  RSS: ${rss} kB (debug build)"
