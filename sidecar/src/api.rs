@@ -334,7 +334,8 @@ pub struct Session {
 /// `GET /v1/profiles`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct SessionList {
-    /// Running sessions and the finished ones still retained, oldest first.
+    /// Running sessions and the finished ones still retained, oldest first; the workers'
+    /// `result` payloads are left out (get one session for them), the summary is kept.
     pub sessions: Vec<Session>,
 }
 

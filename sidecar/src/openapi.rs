@@ -78,7 +78,7 @@ pub fn document() -> Value {
                 }
             },
             "get": {
-                "summary": "Running sessions and the retained finished ones",
+                "summary": "Running sessions and the retained finished ones (without per-worker result payloads)",
                 "responses": { "200": ok("Sessions", session_list), "401": err("Missing or wrong token") }
             }
         },

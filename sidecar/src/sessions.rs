@@ -207,12 +207,22 @@ impl Sessions {
         }
     }
 
-    /// Every running session and the retained finished ones, oldest first.
+    /// Every running session and the retained finished ones, oldest first, without the
+    /// workers' result payloads (a listing stays small; `get` has them).
     pub fn list(&self) -> SessionList {
         let mut table = self.table();
         Self::prune(&mut table, &self.inner.limits);
-        let mut sessions: Vec<Session> =
-            table.sessions.values().map(|e| e.session.clone()).collect();
+        let mut sessions: Vec<Session> = table
+            .sessions
+            .values()
+            .map(|e| {
+                let mut s = e.session.clone();
+                for w in &mut s.workers {
+                    w.result = None;
+                }
+                s
+            })
+            .collect();
         sessions.sort_by(|a, b| a.created_at.total_cmp(&b.created_at));
         SessionList { sessions }
     }

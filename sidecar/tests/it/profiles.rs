@@ -448,15 +448,17 @@ async fn finished_sessions_are_kept_in_bounded_number() {
         );
         ids.push(s.id);
     }
-    let listed: Vec<String> = client
-        .profiles()
-        .await
-        .expect("list")
-        .sessions
-        .into_iter()
-        .map(|s| s.id)
-        .collect();
-    assert_eq!(listed, ids[1..].to_vec());
+    let listed = client.profiles().await.expect("list").sessions;
+    let listed_ids: Vec<String> = listed.iter().map(|s| s.id.clone()).collect();
+    assert_eq!(listed_ids, ids[1..].to_vec());
+    // The listing leaves out result payloads; one session has them.
+    assert!(
+        listed
+            .iter()
+            .all(|s| s.workers.iter().all(|w| w.result.is_none()))
+    );
+    let full = client.profile(&ids[2]).await.expect("get");
+    assert!(full.workers.iter().all(|w| w.result.is_some()));
     let gone = client.profile(&ids[0]).await.expect_err("pruned");
     assert_eq!(gone.status(), Some(StatusCode::NOT_FOUND));
     let metrics = client.metrics_text().await.expect("metrics");
