@@ -380,7 +380,6 @@ fn winch_stops_the_workers_and_keeps_the_leader() {
         s.workers().is_empty().then_some(())
     });
     s.assert_running();
-    s.signal(Signal::SIGTTOU);
     s.signal(Signal::SIGHUP);
     wait_for("workers back after HUP", Duration::from_secs(60), || {
         (s.workers().len() == 2).then_some(())

@@ -341,10 +341,15 @@ impl EventLoop {
         }
     }
 
+    /// Nothing left to finish. A connection accepted just before the stop that has not sent
+    /// its first request yet counts as in flight for up to `keepalive`: its client is about to
+    /// send it, and closing it unanswered would fail a request during a reload.
     fn drained(&self) -> bool {
-        self.conns
-            .values()
-            .all(|c| !c.mid_request() && c.out.is_empty())
+        let grace = self.shared.config.keepalive;
+        self.conns.values().all(|c| {
+            let fresh = c.served == 0 && c.last_active.elapsed() < grace;
+            !c.mid_request() && c.out.is_empty() && !fresh
+        })
     }
 
     /// Runs the Python-level handlers of pending signals. Returns true to exit now.
@@ -386,10 +391,12 @@ impl EventLoop {
         for l in &mut self.listeners {
             let _ = self.poll.registry().deregister(l.source());
         }
+        // Idle keep-alive connections close now; a fresh one (no request yet) gets its first
+        // request answered (see `drained`).
         let idle: Vec<usize> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.is_idle())
+            .filter(|(_, c)| c.is_idle() && c.served > 0)
             .map(|(k, _)| *k)
             .collect();
         for key in idle {
