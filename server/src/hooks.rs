@@ -408,3 +408,54 @@ pub fn response_object(
         sent,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_messages_are_formatted_like_logging() {
+        Python::initialize();
+        Python::attach(|py| {
+            let msg = "%s workers, %d%%"
+                .into_pyobject(py)
+                .expect("str")
+                .into_any();
+            let args = PyTuple::new(
+                py,
+                [
+                    "3".into_pyobject(py).expect("s").into_any(),
+                    50i64.into_pyobject(py).expect("i").into_any(),
+                ],
+            )
+            .expect("tuple");
+            assert_eq!(render(&msg, &args).expect("render"), "3 workers, 50%");
+            let plain = "100% plain".into_pyobject(py).expect("str").into_any();
+            assert_eq!(
+                render(&plain, &PyTuple::empty(py)).expect("render"),
+                "100% plain"
+            );
+        });
+    }
+
+    #[test]
+    fn a_raising_hook_is_reported_not_propagated() {
+        Python::initialize();
+        Python::attach(|py| {
+            let hook = py
+                .eval(c"lambda server: 1 / 0", None, None)
+                .expect("lambda")
+                .unbind();
+            let err = call_hook(py, &hook, "on_starting", || {
+                Ok(vec![py.None().into_bound(py)])
+            })
+            .expect_err("raises");
+            assert_eq!(err.name, "on_starting");
+            let ok = py
+                .eval(c"lambda server: None", None, None)
+                .expect("lambda")
+                .unbind();
+            assert!(call_hook(py, &ok, "on_exit", || Ok(vec![py.None().into_bound(py)])).is_ok());
+        });
+    }
+}

@@ -4,6 +4,10 @@
 //! signals that arrived, reaps exited children, aborts workers whose heartbeat went silent for
 //! longer than `--timeout`, then spawns or retires workers until every slot below the target
 //! count is served. No thread is ever started here: `fork()` copies only the calling thread.
+//!
+//! The lifecycle (docs/SIGNALS.md): TERM graceful and INT/QUIT quick stops, HUP reload
+//! ([`reload`]), USR2 upgrade in place ([`upgrade`]), WINCH, TTIN/TTOU, USR1 log reopening,
+//! timeouts, and the config file's hooks ([`crate::hooks`]) at gunicorn's moments.
 
 pub mod reload;
 pub mod signals;
@@ -52,7 +56,8 @@ pub struct Start {
     pub argv: Vec<OsString>,
     /// The working directory before `--chdir`.
     pub cwd: Option<PathBuf>,
-    /// The binary's path (`/proc/self/exe` at start; the file at that path is what USR2 runs).
+    /// The binary USR2 executes: `argv[0]` when it is a path (so a deploy that swaps a symlink
+    /// or replaces the file is picked up), else `/proc/self/exe` as it was at start.
     pub exe: Option<PathBuf>,
 }
 
@@ -64,17 +69,26 @@ pub fn remember_start(args: &[OsString]) {
     let _ = START.set(Start {
         argv: args.to_vec(),
         cwd: std::env::current_dir().ok(),
-        exe: std::fs::read_link("/proc/self/exe")
-            .ok()
-            .or_else(|| args.first().map(PathBuf::from)),
+        exe: binary_path(args.first()),
     });
 }
 
+fn binary_path(argv0: Option<&OsString>) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    argv0
+        .filter(|a| a.as_bytes().contains(&b'/'))
+        .map(PathBuf::from)
+        .or_else(|| std::fs::read_link("/proc/self/exe").ok())
+}
+
 fn start() -> &'static Start {
-    START.get_or_init(|| Start {
-        argv: std::env::args_os().collect(),
-        cwd: std::env::current_dir().ok(),
-        exe: std::fs::read_link("/proc/self/exe").ok(),
+    START.get_or_init(|| {
+        let argv: Vec<OsString> = std::env::args_os().collect();
+        Start {
+            exe: binary_path(argv.first()),
+            argv,
+            cwd: std::env::current_dir().ok(),
+        }
     })
 }
 
@@ -295,12 +309,12 @@ impl Leader {
             }
             LeaderSignal::Ttin => {
                 log::info!("Handling signal: ttin");
-                self.set_target((self.target + 1).min(MAX_SLOTS as u32));
+                self.resize((self.target + 1).min(MAX_SLOTS as u32));
             }
             LeaderSignal::Ttou => {
                 log::info!("Handling signal: ttou");
                 // Never below one; after WINCH (zero) it stays at zero.
-                self.set_target(self.target.saturating_sub(1).max(self.target.min(1)));
+                self.resize(self.target.saturating_sub(1).max(self.target.min(1)));
             }
             LeaderSignal::Usr1 => {
                 log::info!("Handling signal: usr1");
@@ -323,13 +337,21 @@ impl Leader {
                     log::info!(
                         "graceful stop of the workers; the leader stays (HUP or TTIN starts them again)"
                     );
-                    self.set_target(0);
+                    self.resize(0);
                 }
             }
         }
     }
 
-    /// Changes the number of workers and tells `nworkers_changed`.
+    /// Changes the number of workers and tells `nworkers_changed` (TTIN/TTOU that change
+    /// nothing, at the bounds, call nothing, as in gunicorn).
+    fn resize(&mut self, target: u32) {
+        if target != self.target {
+            self.set_target(target);
+        }
+    }
+
+    /// Sets the number of workers and tells `nworkers_changed`.
     fn set_target(&mut self, target: u32) {
         let old = self.target;
         self.target = target;

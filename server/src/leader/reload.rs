@@ -105,3 +105,49 @@ pub fn reimport(py: Python<'_>, spec: &AppSpec, freeze: bool) -> anyhow::Result<
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn app_modules_are_the_files_outside_the_installation() {
+        Python::initialize();
+        Python::attach(|py| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            std::fs::write(dir.path().join("fs_reload_probe.py"), "X = 1\n").expect("write");
+            let sys = py.import("sys").expect("sys");
+            sys.getattr("path")
+                .expect("path")
+                .call_method1("insert", (0, dir.path().to_str().expect("utf-8")))
+                .expect("insert");
+            py.import("fs_reload_probe").expect("import the probe");
+            py.import("json").expect("json");
+            let helpers = PyModule::from_code(py, HELPERS, c"<t>", c"_t_reload").expect("helpers");
+            let names: Vec<String> = helpers
+                .call_method0("app_modules")
+                .and_then(|n| n.extract())
+                .expect("app_modules");
+            assert!(names.contains(&"fs_reload_probe".to_owned()), "{names:?}");
+            assert!(!names.iter().any(|n| n == "json" || n == "os"), "{names:?}");
+
+            // forget() takes it out; restore() puts the very same module back.
+            let before = sys
+                .getattr("modules")
+                .and_then(|m| m.get_item("fs_reload_probe"))
+                .expect("imported");
+            let saved = helpers.call_method0("forget").expect("forget");
+            assert!(
+                !sys.getattr("modules")
+                    .and_then(|m| m.contains("fs_reload_probe"))
+                    .expect("contains")
+            );
+            helpers.call_method1("restore", (saved,)).expect("restore");
+            let after = sys
+                .getattr("modules")
+                .and_then(|m| m.get_item("fs_reload_probe"))
+                .expect("restored");
+            assert!(before.is(&after));
+        });
+    }
+}

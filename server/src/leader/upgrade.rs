@@ -126,3 +126,39 @@ pub fn set_cloexec(fd: std::os::fd::RawFd) {
     let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
     let _ = fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_old_pid_file_gets_the_oldbin_suffix() {
+        assert_eq!(
+            oldbin(Path::new("/run/app.pid")),
+            PathBuf::from("/run/app.pid.oldbin")
+        );
+    }
+
+    #[test]
+    fn the_exec_plan_passes_the_sockets_and_the_parent() {
+        let plan = ExecPlan::new(
+            Path::new("/bin/forkscope-server"),
+            &["forkscope-server".into(), "app:app".into()],
+            Some(Path::new("/srv")),
+            "3,4",
+        )
+        .expect("plan");
+        let env: Vec<String> = plan
+            .env
+            .iter()
+            .map(|c| c.to_string_lossy().into_owned())
+            .collect();
+        assert!(env.contains(&"FORKSCOPE_FDS=3,4".to_owned()), "{env:?}");
+        assert!(
+            env.contains(&format!("{PARENT_ENV}={}", std::process::id())),
+            "{env:?}"
+        );
+        assert_eq!(plan.argv.len(), 2);
+        assert_eq!(plan.cwd.as_deref(), Some(c"/srv"));
+    }
+}
