@@ -78,36 +78,105 @@ fn get(addr: SocketAddr, path: &str) -> Result<String, String> {
     }
 }
 
-/// A client thread sending `GET /` one after another until stopped; counts what failed.
+/// A keep-alive client: one connection reused until the server answers `Connection: close`.
+struct KeepAlive {
+    addr: SocketAddr,
+    conn: Option<TcpStream>,
+}
+
+impl KeepAlive {
+    /// `GET /` on the kept connection (a new one when there is none). A connection that ends
+    /// without answering a request it took is a failed request.
+    fn get(&mut self) -> Result<String, String> {
+        let mut s = match self.conn.take() {
+            Some(s) => s,
+            None => {
+                let s = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5))
+                    .map_err(|e| format!("connect: {e}"))?;
+                s.set_read_timeout(Some(Duration::from_secs(30)))
+                    .map_err(|e| e.to_string())?;
+                s
+            }
+        };
+        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .map_err(|e| format!("keep-alive write: {e}"))?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some((r, _)) = parse_one(&buf, false)
+                && r.header("content-length").is_some()
+            {
+                if r.status != 200 {
+                    return Err(format!("keep-alive status {}", r.status));
+                }
+                if !r
+                    .header("connection")
+                    .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+                {
+                    self.conn = Some(s);
+                }
+                return Ok(r.text());
+            }
+            match s.read(&mut chunk) {
+                Ok(0) => {
+                    return Err(format!(
+                        "keep-alive connection closed after {} bytes",
+                        buf.len()
+                    ));
+                }
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) => return Err(format!("keep-alive read: {e}")),
+            }
+        }
+    }
+}
+
+/// Two client threads sending `GET /` one after another until stopped, one on a new
+/// connection per request, one on a kept-alive connection; counts what failed.
 struct Load {
     stop: Arc<AtomicBool>,
     done: Arc<AtomicU64>,
-    handle: JoinHandle<(u64, Vec<String>)>,
+    handles: Vec<JoinHandle<(u64, Vec<String>)>>,
 }
 
 impl Load {
     fn start(addr: SocketAddr) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicU64::new(0));
-        let flag = Arc::clone(&stop);
-        let counter = Arc::clone(&done);
-        let handle = std::thread::spawn(move || {
-            let (mut ok, mut failed) = (0u64, Vec::new());
-            // Bounded: at most 100k requests, paced so the server keeps some CPU.
-            for _ in 0..100_000 {
-                if flag.load(Ordering::SeqCst) {
-                    break;
-                }
-                match get(addr, "/") {
-                    Ok(_) => ok += 1,
-                    Err(e) => failed.push(e),
-                }
-                counter.fetch_add(1, Ordering::SeqCst);
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            (ok, failed)
-        });
-        Self { stop, done, handle }
+        let handles = [false, true]
+            .into_iter()
+            .map(|keep_alive| {
+                let flag = Arc::clone(&stop);
+                let counter = Arc::clone(&done);
+                std::thread::spawn(move || {
+                    let (mut ok, mut failed) = (0u64, Vec::new());
+                    let mut kept = KeepAlive { addr, conn: None };
+                    // Bounded: at most 100k requests, paced so the server keeps some CPU.
+                    for _ in 0..100_000 {
+                        if flag.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        let answer = if keep_alive {
+                            kept.get()
+                        } else {
+                            get(addr, "/")
+                        };
+                        match answer {
+                            Ok(_) => ok += 1,
+                            Err(e) => failed.push(e),
+                        }
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    (ok, failed)
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            done,
+            handles,
+        }
     }
 
     /// Waits until `n` more requests have completed (so the load spans what came before).
@@ -118,10 +187,15 @@ impl Load {
         });
     }
 
-    /// Stops the client; panics unless every request succeeded (and there were some).
+    /// Stops the clients; panics unless every request succeeded (and there were some).
     fn finish(self, what: &str) {
         self.stop.store(true, Ordering::SeqCst);
-        let (ok, failed) = self.handle.join().expect("load thread");
+        let (mut ok, mut failed) = (0, Vec::new());
+        for h in self.handles {
+            let (o, f) = h.join().expect("load thread");
+            ok += o;
+            failed.extend(f);
+        }
         assert!(
             failed.is_empty(),
             "{what}: {} of {} requests failed, first: {:?}",

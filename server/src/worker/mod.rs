@@ -341,14 +341,20 @@ impl EventLoop {
         }
     }
 
-    /// Nothing left to finish. A connection accepted just before the stop that has not sent
-    /// its first request yet counts as in flight for up to `keepalive`: its client is about to
-    /// send it, and closing it unanswered would fail a request during a reload.
+    /// Nothing left to finish. During a graceful stop a connection is not closed under a client
+    /// that may be sending on it: one accepted just before the stop gets its first request
+    /// answered, and an idle keep-alive connection gets its next request answered (with
+    /// `Connection: close`) until it has been quiet for `--keep-alive`, when it would have
+    /// been closed anyway. So a reload or a recycle fails no request, keep-alive or not.
     fn drained(&self) -> bool {
-        let grace = self.shared.config.keepalive;
+        let keepalive = self.shared.config.keepalive;
         self.conns.values().all(|c| {
-            let fresh = c.served == 0 && c.last_active.elapsed() < grace;
-            !c.mid_request() && c.out.is_empty() && !fresh
+            let grace = if c.served == 0 {
+                keepalive.max(Duration::from_secs(1))
+            } else {
+                keepalive
+            };
+            !c.mid_request() && c.out.is_empty() && c.last_active.elapsed() >= grace
         })
     }
 
@@ -382,7 +388,7 @@ impl EventLoop {
         false
     }
 
-    /// Deregisters the listeners and closes idle connections (once).
+    /// Deregisters the listeners (once). Open connections are left to `drained`.
     fn stop_accepting(&mut self) {
         if !self.accepting {
             return;
@@ -390,17 +396,6 @@ impl EventLoop {
         self.accepting = false;
         for l in &mut self.listeners {
             let _ = self.poll.registry().deregister(l.source());
-        }
-        // Idle keep-alive connections close now; a fresh one (no request yet) gets its first
-        // request answered (see `drained`).
-        let idle: Vec<usize> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.is_idle() && c.served > 0)
-            .map(|(k, _)| *k)
-            .collect();
-        for key in idle {
-            self.close(key);
         }
     }
 
@@ -474,7 +469,15 @@ impl EventLoop {
                     self.close(key);
                     return;
                 }
-                Next::Dispatch(req) => {
+                Next::Dispatch(mut req) => {
+                    // The last response before the worker goes says `Connection: close`, so
+                    // the client does not send another request on a connection about to close.
+                    let max = self.shared.config.max_requests;
+                    if self.shared.stopping.load(Ordering::Relaxed)
+                        || (max > 0 && self.shared.served.load(Ordering::Relaxed) + 1 >= max)
+                    {
+                        req.head.keep_alive = false;
+                    }
                     let fd = conn.stream.fd();
                     let pending = std::mem::take(&mut conn.out);
                     let busy = &self.shared.busy_since[self.index];
