@@ -162,6 +162,8 @@ impl Leader {
 
         let listeners = crate::listeners::bind_all(&settings.bind, settings.backlog)?;
         for l in &listeners {
+            // Sockets inherited from an old leader come without close-on-exec.
+            upgrade::set_cloexec(l.fd());
             log::info!("Listening at: {l} ({})", std::process::id());
         }
         let worker_kind = if settings.threads > 1 {
