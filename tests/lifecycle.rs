@@ -897,3 +897,76 @@ fn the_leader_warns_about_handlers_a_preloaded_app_sets_at_import() {
     assert_eq!(request(s.addr, "GET", "/", &[], b"").status, 200);
     assert!(procs::alive(worker));
 }
+
+/// Starts a server with a pid file, sends USR2 and returns it with the new leader's PID once
+/// the new generation serves.
+fn upgraded(dir: &Path) -> (Server, i32, KillOnDrop) {
+    let pidfile = dir.join("server.pid");
+    let s = ServerBuilder::new("lc_app:app")
+        .chdir(dir)
+        .workers(2)
+        .args(&["--pid", path_str(&pidfile)])
+        .start();
+    let old_leader = s.pid();
+    s.signal(Signal::SIGUSR2);
+    let new_leader = wait_for("the new leader's pid file", Duration::from_secs(60), || {
+        let new: i32 = std::fs::read_to_string(&pidfile)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        (new != old_leader).then_some(new)
+    });
+    let guard = KillOnDrop(new_leader);
+    wait_for("the new leader's workers", Duration::from_secs(60), || {
+        (procs::workers(new_leader).len() == 2).then_some(())
+    });
+    (s, new_leader, guard)
+}
+
+#[test]
+fn usr2_then_winch_then_term_of_the_old_leader_fails_no_request() {
+    let dir = app_dir("winched");
+    let (mut s, new_leader, _guard) = upgraded(dir.path());
+    let load = Load::start(s.addr);
+    load.wait_requests(20);
+    // WINCH: the old generation's workers go, the old leader stays as a fall-back.
+    s.signal(Signal::SIGWINCH);
+    wait_for("the old workers to go", Duration::from_secs(60), || {
+        s.workers().is_empty().then_some(())
+    });
+    s.assert_running();
+    load.wait_requests(20);
+    s.signal(Signal::SIGTERM);
+    assert_eq!(s.wait_exit(Duration::from_secs(60)), Some(0));
+    load.wait_requests(20);
+    load.finish("USR2, WINCH, TERM");
+    assert_eq!(procs::workers(new_leader).len(), 2);
+}
+
+#[test]
+fn a_new_leader_that_exits_gives_the_pid_file_back_to_the_old_one() {
+    let dir = app_dir("rolled-back");
+    let (s, new_leader, _guard) = upgraded(dir.path());
+    let load = Load::start(s.addr);
+    load.wait_requests(20);
+    // Roll back: the new generation goes, the old one serves on.
+    kill(Pid::from_raw(new_leader), Signal::SIGTERM).expect("TERM the new leader");
+    let pidfile = dir.path().join("server.pid");
+    wait_for(
+        "the pid file back with the old leader",
+        Duration::from_secs(60),
+        || {
+            let pid = std::fs::read_to_string(&pidfile).ok()?;
+            (pid.trim() == s.pid().to_string()).then_some(())
+        },
+    );
+    assert!(!dir.path().join("server.pid.oldbin").exists());
+    s.wait_log(
+        &format!("The new leader (pid {new_leader}) exited"),
+        Duration::from_secs(30),
+    );
+    load.wait_requests(20);
+    load.finish("USR2 rolled back");
+    assert_eq!(s.workers().len(), 2);
+}
