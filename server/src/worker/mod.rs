@@ -90,6 +90,10 @@ const WAKEUP: Token = Token(usize::MAX - 1);
 const STOP: Token = Token(usize::MAX - 2);
 const FIRST_CONN: usize = 1 << 20;
 
+/// How long a stopping worker keeps a quiet connection open for a request its client may be
+/// sending right now.
+const STOP_GRACE: Duration = Duration::from_secs(1);
+
 /// What the loops of one worker share.
 struct Shared {
     config: WorkerConfig,
@@ -342,17 +346,18 @@ impl EventLoop {
     }
 
     /// Nothing left to finish. During a graceful stop a connection is not closed under a client
-    /// that may be sending on it: one accepted just before the stop gets its first request
-    /// answered, and an idle keep-alive connection gets its next request answered (with
-    /// `Connection: close`) until it has been quiet for `--keep-alive`, when it would have
-    /// been closed anyway. So a reload or a recycle fails no request, keep-alive or not.
+    /// that is sending on it: one accepted just before the stop gets its first request
+    /// answered, and a busy keep-alive connection gets its next request answered (with
+    /// `Connection: close`, so the client reconnects). A connection quiet for [`STOP_GRACE`]
+    /// (or `--keep-alive`, if shorter) is closed, so a stop never waits on idle clients. So a
+    /// reload or a recycle fails no request, keep-alive or not.
     fn drained(&self) -> bool {
         let keepalive = self.shared.config.keepalive;
         self.conns.values().all(|c| {
             let grace = if c.served == 0 {
-                keepalive.max(Duration::from_secs(1))
+                STOP_GRACE
             } else {
-                keepalive
+                keepalive.min(STOP_GRACE)
             };
             !c.mid_request() && c.out.is_empty() && c.last_active.elapsed() >= grace
         })
