@@ -970,3 +970,35 @@ fn a_new_leader_that_exits_gives_the_pid_file_back_to_the_old_one() {
     load.finish("USR2 rolled back");
     assert_eq!(s.workers().len(), 2);
 }
+
+#[test]
+fn a_worker_that_outlives_the_graceful_timeout_leaves_its_stacks_in_the_log() {
+    let dir = app_dir("stuck");
+    let s = ServerBuilder::new("lc_app:app")
+        .chdir(dir.path())
+        .args(&["--graceful-timeout", "1"])
+        .start();
+    let victim: i32 = get(s.addr, "/pid").expect("pid").parse().expect("pid");
+    let marker = dir.path().join("in-flight");
+    let addr = s.addr;
+    let q = format!("/slow?s=120&marker={}", path_str(&marker));
+    let stuck = std::thread::spawn(move || get(addr, &q));
+    wait_for("the request in the app", Duration::from_secs(30), || {
+        marker.exists().then_some(())
+    });
+    // HUP retires the worker; its request does not end within --graceful-timeout.
+    s.signal(Signal::SIGHUP);
+    s.wait_log(
+        &format!("Worker (pid:{victim}) still busy 1s after it was told to stop"),
+        Duration::from_secs(30),
+    );
+    wait_for("the stack dump", Duration::from_secs(30), || {
+        let log = s.log_text();
+        (log.contains("lc_app.py") && log.contains("in app")).then_some(())
+    });
+    wait_for("the stuck worker to go", Duration::from_secs(30), || {
+        (!procs::alive(victim)).then_some(())
+    });
+    assert!(stuck.join().expect("client").is_err());
+    assert_eq!(get(s.addr, "/").as_deref(), Ok("stuck"));
+}

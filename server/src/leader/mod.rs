@@ -743,12 +743,24 @@ impl Leader {
                 let _ = kill(pid, Signal::SIGABRT);
             }
         }
+        // A retiring worker still busy after --graceful-timeout is aborted like a timed-out
+        // one, so the log shows what held it up; KILL follows if it does not die.
         let graceful = Duration::from_secs(self.settings.graceful_timeout);
-        for (_, w) in self.slots.retiring() {
-            if let Some(r) = w.retiring {
-                let limit = if r.aborted { ABORT_GRACE } else { graceful };
-                if r.since.elapsed() > limit {
-                    let _ = kill(w.pid, Signal::SIGKILL);
+        for (_, w) in self.slots.retiring_mut() {
+            if let Some(r) = w.retiring.as_mut() {
+                if r.aborted {
+                    if r.since.elapsed() > ABORT_GRACE {
+                        let _ = kill(w.pid, Signal::SIGKILL);
+                    }
+                } else if r.since.elapsed() > graceful {
+                    log::error!(
+                        "Worker (pid:{}) still busy {}s after it was told to stop: aborting it",
+                        w.pid,
+                        self.settings.graceful_timeout
+                    );
+                    let _ = kill(w.pid, Signal::SIGABRT);
+                    r.aborted = true;
+                    r.since = Instant::now();
                 }
             }
         }

@@ -99,6 +99,11 @@ impl Slots {
         self.retiring.iter()
     }
 
+    /// Retiring workers, to escalate their stop.
+    pub fn retiring_mut(&mut self) -> impl Iterator<Item = &mut (u32, WorkerProc)> {
+        self.retiring.iter_mut()
+    }
+
     /// Removes the worker with `pid`; returns its slot and record if it was ours.
     pub fn remove_pid(&mut self, pid: Pid) -> Option<(u32, WorkerProc)> {
         if let Some(slot) = self
