@@ -891,6 +891,10 @@ fn the_leader_warns_about_handlers_a_preloaded_app_sets_at_import() {
         "the application set a Python handler for SIGUSR2 at import time",
         Duration::from_secs(10),
     );
+    assert!(
+        !s.log_text().contains("handler for SIGINT"),
+        "CPython's own SIGINT handler is not the app's"
+    );
     // The doorbell owns USR2 in the worker: the worker lives.
     let worker = s.workers()[0].1;
     kill(Pid::from_raw(worker), Signal::SIGUSR2).expect("USR2");

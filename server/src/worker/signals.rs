@@ -242,11 +242,13 @@ pub fn reopen_fault_log(py: Python<'_>) {
 pub fn warn_about_app_handlers(py: Python<'_>) -> PyResult<()> {
     let signal_mod = py.import("signal")?;
     let default = signal_mod.getattr("SIG_DFL")?;
+    // CPython's own SIGINT handler (KeyboardInterrupt) is there without any app.
+    let interpreter_int = signal_mod.getattr("default_int_handler")?;
     for name in [
         "SIGTERM", "SIGINT", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGABRT", "SIGWINCH",
     ] {
         let handler = signal_mod.call_method1("getsignal", (signal_mod.getattr(name)?,))?;
-        if handler.is_callable() && !handler.is(&default) {
+        if handler.is_callable() && !handler.is(&default) && !handler.is(&interpreter_int) {
             log::warn!(
                 "the application set a Python handler for {name} at import time, in the leader \
                  (--preload); workers own {name} and reset it after fork. Register the handler in \
