@@ -1006,3 +1006,41 @@ fn a_worker_that_outlives_the_graceful_timeout_leaves_its_stacks_in_the_log() {
     assert!(stuck.join().expect("client").is_err());
     assert_eq!(get(s.addr, "/").as_deref(), Ok("stuck"));
 }
+
+#[test]
+fn hup_with_new_workers_that_cannot_boot_keeps_the_old_workers_serving() {
+    let dir = app_dir("old-and-good");
+    let s = ServerBuilder::new("lc_app:app")
+        .chdir(dir.path())
+        .workers(2)
+        .start();
+    let old = pids(&s);
+    let load = Load::start(s.addr);
+    load.wait_requests(20);
+    std::fs::write(
+        dir.path().join("lc_app.py"),
+        "raise ImportError('deployed broken')\n",
+    )
+    .expect("app");
+    s.signal(Signal::SIGHUP);
+    s.wait_log(
+        "after a reload: the previous workers keep serving",
+        Duration::from_secs(60),
+    );
+    // The old generation still answers, with the old code.
+    load.wait_requests(20);
+    assert_eq!(get(s.addr, "/").as_deref(), Ok("old-and-good"));
+    assert!(old.iter().all(|p| procs::alive(*p)));
+
+    // Fixed code and another HUP: the new generation takes over.
+    std::fs::write(dir.path().join("lc_app.py"), app_source("fixed-and-new")).expect("app");
+    s.signal(Signal::SIGHUP);
+    wait_for("the fixed code to answer", Duration::from_secs(60), || {
+        (get(s.addr, "/").as_deref() == Ok("fixed-and-new")).then_some(())
+    });
+    wait_for("the old workers to go", Duration::from_secs(60), || {
+        old.iter().all(|p| !procs::alive(*p)).then_some(())
+    });
+    load.wait_requests(20);
+    load.finish("HUP with a broken, then a fixed app");
+}

@@ -9,6 +9,7 @@
 //! ([`reload`]), USR2 upgrade in place ([`upgrade`]), WINCH, TTIN/TTOU, USR1 log reopening,
 //! timeouts, and the config file's hooks ([`crate::hooks`]) at gunicorn's moments.
 
+pub mod ready;
 pub mod reload;
 pub mod signals;
 pub mod slots;
@@ -109,6 +110,8 @@ pub struct Leader {
     listeners: Vec<Listener>,
     preloaded: Option<Py<PyAny>>,
     heartbeats: Heartbeats,
+    /// Which worker of each slot serves (see [`ready`]).
+    ready: ready::Ready,
     slots: Slots,
     target: u32,
     runtime: Option<RuntimeDir>,
@@ -226,6 +229,7 @@ impl Leader {
             listeners,
             preloaded,
             heartbeats: Heartbeats::new().context("cannot map the heartbeat table")?,
+            ready: ready::Ready::new().context("cannot map the readiness table")?,
             slots: Slots::default(),
             target,
             runtime,
@@ -428,9 +432,13 @@ impl Leader {
             return;
         }
         self.set_target(self.settings.workers.clamp(1, MAX_SLOTS as u32));
-        let slots: Vec<u32> = self.slots.serving().map(|(s, _)| s).collect();
-        for slot in slots {
-            if let Some(pid) = self.slots.retire(slot, false) {
+        // A worker that serves keeps serving until its replacement is ready (`manage`); one
+        // still booting has nothing to keep and goes now.
+        let slots: Vec<(u32, Pid)> = self.slots.serving().map(|(s, w)| (s, w.pid)).collect();
+        for (slot, pid) in slots {
+            if self.ready.is_ready(slot, pid.as_raw() as u32) {
+                self.slots.supersede(slot);
+            } else if let Some(pid) = self.slots.retire(slot, false) {
                 let _ = kill(pid, Signal::SIGTERM);
             }
         }
@@ -681,7 +689,16 @@ impl Leader {
             );
             if boot_error && self.stopping.is_none() {
                 let failures = self.slots.boot_failed(slot);
-                if failures >= MAX_BOOT_FAILURES {
+                if failures >= MAX_BOOT_FAILURES && self.slots.superseded().next().is_some() {
+                    // A reload whose new workers cannot boot: the previous generation serves on.
+                    if failures == MAX_BOOT_FAILURES {
+                        log::error!(
+                            "Worker failed to boot {failures} times in a row in slot {slot} after \
+                             a reload: the previous workers keep serving; fix the application \
+                             and send HUP again. The traceback is above."
+                        );
+                    }
+                } else if failures >= MAX_BOOT_FAILURES {
                     log::error!(
                         "Worker failed to boot {failures} times in a row in slot {slot}: shutting \
                          down. The application's traceback is above."
@@ -777,6 +794,24 @@ impl Leader {
             self.spawn(slot);
             if self.halt.is_some() {
                 return;
+            }
+        }
+        // Old workers of a reload retire once the new worker in their slot is ready (or their
+        // slot is no longer wanted).
+        let replaced: Vec<Pid> =
+            self.slots
+                .superseded()
+                .filter(|(slot, _)| {
+                    *slot >= self.target
+                        || self.slots.serving().any(|(s, w)| {
+                            s == *slot && self.ready.is_ready(s, w.pid.as_raw() as u32)
+                        })
+                })
+                .map(|(_, w)| w.pid)
+                .collect();
+        for pid in replaced {
+            if self.slots.retire_superseded(pid) {
+                let _ = kill(pid, Signal::SIGTERM);
             }
         }
         // A worker that lived past the timeout (or 5 s) booted fine.

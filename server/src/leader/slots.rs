@@ -38,9 +38,12 @@ pub struct Backoff {
 }
 
 /// Workers by slot. Retiring workers are kept apart, so their slot can be refilled at once.
+/// During a reload, the old generation is *superseded*: it still serves, but its slot is
+/// refilled, and each old worker retires once its replacement is ready.
 #[derive(Debug, Default)]
 pub struct Slots {
     serving: BTreeMap<u32, WorkerProc>,
+    superseded: Vec<(u32, WorkerProc)>,
     retiring: Vec<(u32, WorkerProc)>,
     backoff: BTreeMap<u32, Backoff>,
     next_age: u64,
@@ -63,13 +66,42 @@ impl Slots {
         self.serving.iter().map(|(s, w)| (*s, w))
     }
 
-    /// Every live worker, serving or retiring.
+    /// Every live worker, serving, superseded or retiring.
     pub fn all_pids(&self) -> Vec<Pid> {
         self.serving
             .values()
+            .chain(self.superseded.iter().map(|(_, w)| w))
             .chain(self.retiring.iter().map(|(_, w)| w))
             .map(|w| w.pid)
             .collect()
+    }
+
+    /// Moves the serving worker of `slot` to the superseded generation (it keeps serving until
+    /// [`Slots::retire_superseded`]); returns its PID.
+    pub fn supersede(&mut self, slot: u32) -> Option<Pid> {
+        let w = self.serving.remove(&slot)?;
+        let pid = w.pid;
+        self.superseded.push((slot, w));
+        Some(pid)
+    }
+
+    /// Superseded workers, by slot.
+    pub fn superseded(&self) -> impl Iterator<Item = (u32, &WorkerProc)> {
+        self.superseded.iter().map(|(s, w)| (*s, w))
+    }
+
+    /// Moves the superseded worker `pid` to the retiring set.
+    pub fn retire_superseded(&mut self, pid: Pid) -> bool {
+        let Some(i) = self.superseded.iter().position(|(_, w)| w.pid == pid) else {
+            return false;
+        };
+        let (slot, mut w) = self.superseded.swap_remove(i);
+        w.retiring = Some(Retiring {
+            since: Instant::now(),
+            aborted: false,
+        });
+        self.retiring.push((slot, w));
+        true
     }
 
     /// Number of serving workers.
@@ -79,7 +111,7 @@ impl Slots {
 
     /// True when no worker is alive.
     pub fn is_empty(&self) -> bool {
-        self.serving.is_empty() && self.retiring.is_empty()
+        self.serving.is_empty() && self.superseded.is_empty() && self.retiring.is_empty()
     }
 
     /// Moves the worker of `slot` to the retiring set; returns its PID.
@@ -113,6 +145,9 @@ impl Slots {
             .map(|(s, _)| *s)
         {
             return self.serving.remove(&slot).map(|w| (slot, w));
+        }
+        if let Some(i) = self.superseded.iter().position(|(_, w)| w.pid == pid) {
+            return Some(self.superseded.swap_remove(i));
         }
         let i = self.retiring.iter().position(|(_, w)| w.pid == pid)?;
         Some(self.retiring.swap_remove(i))
@@ -188,6 +223,22 @@ mod tests {
         assert_eq!(slots.empty_slots(1, Instant::now()), vec![0]);
         assert_eq!(slots.all_pids(), vec![Pid::from_raw(10)]);
         assert!(slots.remove_pid(Pid::from_raw(10)).is_some());
+        assert!(slots.is_empty());
+    }
+
+    #[test]
+    fn a_superseded_worker_serves_until_it_is_retired() {
+        let mut slots = Slots::default();
+        slots.insert(0, worker(10));
+        assert_eq!(slots.supersede(0), Some(Pid::from_raw(10)));
+        assert_eq!(slots.empty_slots(1, Instant::now()), vec![0]);
+        slots.insert(0, worker(20));
+        assert_eq!(slots.all_pids().len(), 2);
+        assert!(slots.retire_superseded(Pid::from_raw(10)));
+        assert_eq!(slots.superseded().count(), 0);
+        assert_eq!(slots.retiring().count(), 1);
+        assert!(slots.remove_pid(Pid::from_raw(10)).is_some());
+        assert!(slots.remove_pid(Pid::from_raw(20)).is_some());
         assert!(slots.is_empty());
     }
 

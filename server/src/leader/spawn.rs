@@ -193,6 +193,8 @@ fn boot_and_serve(
         slot,
         heartbeats: leader.heartbeats,
     };
+    // From here on this worker serves: on a reload, the worker it replaces may go.
+    leader.ready.mark(slot, pid);
     let exit = match crate::worker::serve(
         py,
         id,
