@@ -14,12 +14,11 @@ pub mod reload;
 pub mod signals;
 pub mod slots;
 pub mod spawn;
+pub mod start;
 pub mod upgrade;
 
-use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -38,6 +37,8 @@ use crate::worker::WorkerExit;
 use forkscope_protocol::{Role, RuntimeDir};
 use signals::{LeaderSignal, SignalPipe};
 use slots::{Slots, WorkerProc};
+pub use start::remember_start;
+use start::start;
 use upgrade::Upgrade;
 
 /// Consecutive boot failures of one slot after which the leader gives up.
@@ -49,49 +50,6 @@ const ABORT_GRACE: Duration = Duration::from_secs(2);
 /// The exit status when a leader-side hook raised after start-up (gunicorn's "Unhandled
 /// exception in main loop" ends the arbiter the same way).
 const HOOK_FAILED: u8 = 1;
-
-/// How the process was started: what USR2 executes again and HUP parses again.
-#[derive(Debug)]
-pub struct Start {
-    /// The command line, program name first.
-    pub argv: Vec<OsString>,
-    /// The working directory before `--chdir`.
-    pub cwd: Option<PathBuf>,
-    /// The binary USR2 executes: `argv[0]` when it is a path (so a deploy that swaps a symlink
-    /// or replaces the file is picked up), else `/proc/self/exe` as it was at start.
-    pub exe: Option<PathBuf>,
-}
-
-static START: OnceLock<Start> = OnceLock::new();
-
-/// Records the command line, the working directory and the binary's path. `run` calls it first,
-/// before `--chdir` and before process titles overwrite the command-line memory.
-pub fn remember_start(args: &[OsString]) {
-    let _ = START.set(Start {
-        argv: args.to_vec(),
-        cwd: std::env::current_dir().ok(),
-        exe: binary_path(args.first()),
-    });
-}
-
-fn binary_path(argv0: Option<&OsString>) -> Option<PathBuf> {
-    use std::os::unix::ffi::OsStrExt;
-    argv0
-        .filter(|a| a.as_bytes().contains(&b'/'))
-        .map(PathBuf::from)
-        .or_else(|| std::fs::read_link("/proc/self/exe").ok())
-}
-
-fn start() -> &'static Start {
-    START.get_or_init(|| {
-        let argv: Vec<OsString> = std::env::args_os().collect();
-        Start {
-            exe: binary_path(argv.first()),
-            argv,
-            cwd: std::env::current_dir().ok(),
-        }
-    })
-}
 
 /// A stop in progress.
 #[derive(Debug, Clone, Copy)]
@@ -374,233 +332,6 @@ impl Leader {
         });
         if failed {
             self.halt = Some(ExitCode::from(HOOK_FAILED));
-        }
-    }
-
-    /// HUP: re-reads the configuration (keeping the old one when the new one is invalid),
-    /// re-imports the app under `--preload`, then replaces every worker: each old worker
-    /// finishes its requests while a new one takes its slot. The listening sockets stay open
-    /// throughout, so a connection that arrives meanwhile waits in the backlog, never fails.
-    fn reload(&mut self) {
-        if self.stopping.is_some() {
-            return;
-        }
-        let start = start();
-        let here = std::env::current_dir().ok();
-        // Relative paths on the command line (-c, log files) mean what they meant at start.
-        if let Some(cwd) = &start.cwd {
-            let _ = std::env::set_current_dir(cwd);
-        }
-        let loaded = Python::attach(|py| crate::settings::load(start.argv.clone(), Some(py)));
-        if let Some(dir) = &here {
-            let _ = std::env::set_current_dir(dir);
-        }
-        match loaded {
-            Ok(loaded) => self.apply(loaded.settings, loaded.hooks),
-            Err(e) => {
-                log::error!("reload: the configuration is invalid, keeping the current one: {e:#}");
-            }
-        }
-        if self.settings.preload_app {
-            let freeze = self.settings.gc_freeze;
-            let spec = self.spec.clone();
-            match Python::attach(|py| reload::reimport(py, &spec, freeze)) {
-                Ok(app) => {
-                    self.preloaded = Some(app);
-                    Python::attach(|py| {
-                        let _ = crate::worker::signals::warn_about_app_handlers(py);
-                    });
-                    // The import may have called signal.signal() in the leader.
-                    if let Err(e) = signals::reinstall() {
-                        log::error!("cannot reinstall the leader's signal handlers: {e}");
-                    }
-                    log::info!("reload: the application was imported again");
-                }
-                Err(e) => log::error!(
-                    "reload: the application failed to import; the workers keep the old one:\n{e:#}"
-                ),
-            }
-        }
-        let failed = Python::attach(|py| {
-            crate::hooks::call(py, &self.hooks, "on_reload", || {
-                Ok(vec![arg(py, &self.server)])
-            })
-            .is_err()
-        });
-        if failed {
-            self.halt = Some(ExitCode::from(HOOK_FAILED));
-            return;
-        }
-        self.set_target(self.settings.workers.clamp(1, MAX_SLOTS as u32));
-        // A worker that serves keeps serving until its replacement is ready (`manage`); one
-        // still booting has nothing to keep and goes now.
-        let slots: Vec<(u32, Pid)> = self.slots.serving().map(|(s, w)| (s, w.pid)).collect();
-        for (slot, pid) in slots {
-            if self.ready.is_ready(slot, pid.as_raw() as u32) {
-                self.slots.supersede(slot);
-            } else if let Some(pid) = self.slots.retire(slot, false) {
-                let _ = kill(pid, Signal::SIGTERM);
-            }
-        }
-    }
-
-    /// Takes the reloaded settings and hooks. What needs new sockets or a new process keeps
-    /// its old value, with a warning.
-    fn apply(&mut self, mut new: Settings, hooks: Hooks) {
-        if new.bind != self.settings.bind {
-            log::warn!(
-                "reload: bind changed from {:?} to {:?}; the sockets stay as they are (use USR2 \
-                 to start a leader on new sockets)",
-                self.settings.bind,
-                new.bind
-            );
-            new.bind = self.settings.bind.clone();
-        }
-        if new.runtime_dir != self.settings.runtime_dir {
-            log::warn!("reload: the runtime directory cannot change while the leader runs");
-            new.runtime_dir = self.settings.runtime_dir.clone();
-        }
-        if new.wsgi_app != self.settings.wsgi_app {
-            match new.wsgi_app.as_deref().map(AppSpec::parse) {
-                Some(Ok(spec)) => self.spec = spec,
-                _ => new.wsgi_app = self.settings.wsgi_app.clone(),
-            }
-        }
-        if new.preload_app && !self.settings.preload_app {
-            // Imported by the re-import step below.
-            self.preloaded = None;
-        } else if !new.preload_app {
-            self.preloaded = None;
-        }
-        if let Err(e) = crate::logging::init(&new) {
-            log::error!("reload: cannot open the new error log, keeping the old one: {e:#}");
-        }
-        if new.pidfile != self.settings.pidfile && !self.upgrade.sharing_sockets() {
-            if let Some(old) = &self.pidfile {
-                let _ = std::fs::remove_file(old);
-            }
-            self.pidfile = new.pidfile.clone();
-            if let Some(path) = &self.pidfile
-                && let Err(e) = std::fs::write(path, format!("{}\n", std::process::id()))
-            {
-                log::error!("reload: cannot write pid file {}: {e}", path.display());
-            }
-        }
-        self.app_name = new
-            .proc_name
-            .clone()
-            .or_else(|| new.wsgi_app.clone())
-            .unwrap_or_else(|| self.app_name.clone());
-        crate::proctitle::set(&crate::proctitle::leader_title(&self.app_name));
-        Python::attach(|py| {
-            let mut server = self.server.borrow_mut(py);
-            match crate::hooks::cfg_object(py, &new) {
-                Ok(cfg) => server.cfg = cfg,
-                Err(e) => log::error!("reload: {}", crate::python::format_exception(e)),
-            }
-            server.proc_name = self.app_name.clone();
-            server.timeout = new.timeout;
-        });
-        self.hooks = hooks;
-        self.settings = new;
-        log::info!("reload: configuration re-read");
-    }
-
-    /// USR2: starts a new leader from the binary on disk, on our sockets.
-    fn reexec(&mut self) {
-        if self.stopping.is_some() {
-            return;
-        }
-        if let Some(child) = self.upgrade.child {
-            log::warn!("USR2 ignored: the new leader (pid {child}) is still running");
-            return;
-        }
-        if let Some(parent) = self.upgrade.parent {
-            log::warn!("USR2 ignored: the old leader (pid {parent}) is still running");
-            return;
-        }
-        let start = start();
-        let Some(exe) = &start.exe else {
-            log::error!("USR2: cannot tell which binary to execute");
-            return;
-        };
-        let mut fds = Vec::new();
-        for l in &self.listeners {
-            if let Err(e) = l.set_inheritable() {
-                log::error!("USR2: cannot pass the socket {l} on: {e}");
-                return;
-            }
-            fds.push(l.fd().to_string());
-        }
-        let plan =
-            match upgrade::ExecPlan::new(exe, &start.argv, start.cwd.as_deref(), &fds.join(",")) {
-                Ok(p) => p,
-                Err(e) => {
-                    log::error!("USR2: {e:#}");
-                    return;
-                }
-            };
-        // Renamed before the fork, so the new leader's pid file never collides with ours.
-        if let Some(path) = self.pidfile.clone() {
-            let old = upgrade::oldbin(&path);
-            match std::fs::rename(&path, &old) {
-                Ok(()) => {
-                    self.pidfile = Some(old);
-                    self.upgrade.renamed_from = Some(path);
-                }
-                Err(e) => log::warn!("USR2: cannot rename {}: {e}", path.display()),
-            }
-        }
-        match Python::attach(crate::python::fork) {
-            Ok(crate::python::Forked::Parent(pid)) => {
-                log::info!(
-                    "USR2: started a new leader (pid {pid}) from {}",
-                    exe.display()
-                );
-                self.upgrade.child = Some(pid);
-            }
-            Ok(crate::python::Forked::Child) => {
-                signals::uninstall();
-                let ok = Python::attach(|py| {
-                    crate::hooks::call(py, &self.hooks, "pre_exec", || {
-                        Ok(vec![arg(py, &self.server)])
-                    })
-                    .is_ok()
-                });
-                if ok {
-                    let err = plan.exec();
-                    log::error!("USR2: cannot execute {}: {err}", exe.display());
-                }
-                spawn::exit_worker(crate::worker::WorkerExit::BootError);
-            }
-            Err(e) => {
-                log::error!("USR2: fork failed: {e}");
-                self.restore_pidfile();
-            }
-        }
-        // Our own workers must not inherit the sockets past an exec of their own.
-        for l in &self.listeners {
-            upgrade::set_cloexec(l.fd());
-        }
-    }
-
-    /// The new leader is gone while we still run: the pid file is ours again.
-    fn restore_pidfile(&mut self) {
-        if let (Some(current), Some(original)) = (&self.pidfile, self.upgrade.renamed_from.take()) {
-            match std::fs::rename(current, &original) {
-                Ok(()) => self.pidfile = Some(original),
-                Err(e) => log::warn!("cannot rename {} back: {e}", current.display()),
-            }
-        }
-    }
-
-    /// A leader started by USR2 becomes the only one once its old leader is gone.
-    fn check_promoted(&mut self) {
-        if let Some(parent) = self.upgrade.parent
-            && nix::unistd::getppid() != parent
-        {
-            log::info!("The old leader (pid {parent}) is gone: this leader is promoted");
-            self.upgrade.parent = None;
         }
     }
 

@@ -1,5 +1,5 @@
 //! HUP: re-read the configuration and, under `--preload`, import the application afresh in
-//! the leader, so the workers forked next run the new code and settings.
+//! the leader, so the workers forked next run the new code and settings (`Leader::reload`).
 //!
 //! Re-importing in place (the leader keeps its PID, its sockets and its children) works by
 //! taking the application's own modules out of `sys.modules` and importing the app again: the
@@ -12,11 +12,19 @@
 //! can free it; the new one is frozen again for copy-on-write sharing.
 
 use std::ffi::CStr;
+use std::process::ExitCode;
 
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use super::{HOOK_FAILED, Leader, signals, start};
+use crate::config_file::Hooks;
+use crate::heartbeat::MAX_SLOTS;
+use crate::hooks::arg;
 use crate::python::AppSpec;
+use crate::settings::Settings;
 
 const HELPERS: &CStr = c"
 import gc, importlib, os, sys, sysconfig
@@ -103,6 +111,137 @@ pub fn reimport(py: Python<'_>, spec: &AppSpec, freeze: bool) -> anyhow::Result<
             }
             Err(e)
         }
+    }
+}
+
+impl Leader {
+    /// HUP: re-reads the configuration (keeping the old one when the new one is invalid),
+    /// re-imports the app under `--preload`, then replaces every worker: each old worker
+    /// finishes its requests while a new one takes its slot. The listening sockets stay open
+    /// throughout, so a connection that arrives meanwhile waits in the backlog, never fails.
+    pub(super) fn reload(&mut self) {
+        if self.stopping.is_some() {
+            return;
+        }
+        let start = start();
+        let here = std::env::current_dir().ok();
+        // Relative paths on the command line (-c, log files) mean what they meant at start.
+        if let Some(cwd) = &start.cwd {
+            let _ = std::env::set_current_dir(cwd);
+        }
+        let loaded = Python::attach(|py| crate::settings::load(start.argv.clone(), Some(py)));
+        if let Some(dir) = &here {
+            let _ = std::env::set_current_dir(dir);
+        }
+        match loaded {
+            Ok(loaded) => self.apply(loaded.settings, loaded.hooks),
+            Err(e) => {
+                log::error!("reload: the configuration is invalid, keeping the current one: {e:#}");
+            }
+        }
+        if self.settings.preload_app {
+            let freeze = self.settings.gc_freeze;
+            let spec = self.spec.clone();
+            match Python::attach(|py| reimport(py, &spec, freeze)) {
+                Ok(app) => {
+                    self.preloaded = Some(app);
+                    Python::attach(|py| {
+                        let _ = crate::worker::signals::warn_about_app_handlers(py);
+                    });
+                    // The import may have called signal.signal() in the leader.
+                    if let Err(e) = signals::reinstall() {
+                        log::error!("cannot reinstall the leader's signal handlers: {e}");
+                    }
+                    log::info!("reload: the application was imported again");
+                }
+                Err(e) => log::error!(
+                    "reload: the application failed to import; the workers keep the old one:\n{e:#}"
+                ),
+            }
+        }
+        let failed = Python::attach(|py| {
+            crate::hooks::call(py, &self.hooks, "on_reload", || {
+                Ok(vec![arg(py, &self.server)])
+            })
+            .is_err()
+        });
+        if failed {
+            self.halt = Some(ExitCode::from(HOOK_FAILED));
+            return;
+        }
+        self.set_target(self.settings.workers.clamp(1, MAX_SLOTS as u32));
+        // A worker that serves keeps serving until its replacement is ready (`manage`); one
+        // still booting has nothing to keep and goes now.
+        let slots: Vec<(u32, Pid)> = self.slots.serving().map(|(s, w)| (s, w.pid)).collect();
+        for (slot, pid) in slots {
+            if self.ready.is_ready(slot, pid.as_raw() as u32) {
+                self.slots.supersede(slot);
+            } else if let Some(pid) = self.slots.retire(slot, false) {
+                let _ = kill(pid, Signal::SIGTERM);
+            }
+        }
+    }
+
+    /// Takes the reloaded settings and hooks. What needs new sockets or a new process keeps
+    /// its old value, with a warning.
+    pub(super) fn apply(&mut self, mut new: Settings, hooks: Hooks) {
+        if new.bind != self.settings.bind {
+            log::warn!(
+                "reload: bind changed from {:?} to {:?}; the sockets stay as they are (use USR2 \
+                 to start a leader on new sockets)",
+                self.settings.bind,
+                new.bind
+            );
+            new.bind = self.settings.bind.clone();
+        }
+        if new.runtime_dir != self.settings.runtime_dir {
+            log::warn!("reload: the runtime directory cannot change while the leader runs");
+            new.runtime_dir = self.settings.runtime_dir.clone();
+        }
+        if new.wsgi_app != self.settings.wsgi_app {
+            match new.wsgi_app.as_deref().map(AppSpec::parse) {
+                Some(Ok(spec)) => self.spec = spec,
+                _ => new.wsgi_app = self.settings.wsgi_app.clone(),
+            }
+        }
+        if new.preload_app && !self.settings.preload_app {
+            // Imported by the re-import step below.
+            self.preloaded = None;
+        } else if !new.preload_app {
+            self.preloaded = None;
+        }
+        if let Err(e) = crate::logging::init(&new) {
+            log::error!("reload: cannot open the new error log, keeping the old one: {e:#}");
+        }
+        if new.pidfile != self.settings.pidfile && !self.upgrade.sharing_sockets() {
+            if let Some(old) = &self.pidfile {
+                let _ = std::fs::remove_file(old);
+            }
+            self.pidfile = new.pidfile.clone();
+            if let Some(path) = &self.pidfile
+                && let Err(e) = std::fs::write(path, format!("{}\n", std::process::id()))
+            {
+                log::error!("reload: cannot write pid file {}: {e}", path.display());
+            }
+        }
+        self.app_name = new
+            .proc_name
+            .clone()
+            .or_else(|| new.wsgi_app.clone())
+            .unwrap_or_else(|| self.app_name.clone());
+        crate::proctitle::set(&crate::proctitle::leader_title(&self.app_name));
+        Python::attach(|py| {
+            let mut server = self.server.borrow_mut(py);
+            match crate::hooks::cfg_object(py, &new) {
+                Ok(cfg) => server.cfg = cfg,
+                Err(e) => log::error!("reload: {}", crate::python::format_exception(e)),
+            }
+            server.proc_name = self.app_name.clone();
+            server.timeout = new.timeout;
+        });
+        self.hooks = hooks;
+        self.settings = new;
+        log::info!("reload: configuration re-read");
     }
 }
 

@@ -1,4 +1,4 @@
-//! USR2: upgrade in place. The leader forks a child that executes the binary on disk with the
+//! USR2: upgrade in place (`Leader::reexec`). The leader forks a child that executes the binary on disk with the
 //! original command line; the listening sockets stay open across `exec` (their descriptors are
 //! named in `FORKSCOPE_FDS`), so the new leader accepts on the very same sockets and no
 //! connection is refused while both generations run. The old leader renames its pid file to
@@ -11,6 +11,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use nix::unistd::Pid;
+use pyo3::prelude::*;
+
+use super::{Leader, signals, spawn, start};
+use crate::hooks::arg;
 
 /// Environment variable naming the old leader's PID in a leader started by USR2 (gunicorn's
 /// `GUNICORN_PID`). While that leader lives, the new one neither upgrades itself nor removes
@@ -46,6 +50,105 @@ impl Upgrade {
     /// True while another leader shares our sockets (an upgrade in either direction).
     pub fn sharing_sockets(&self) -> bool {
         self.child.is_some() || self.parent.is_some()
+    }
+}
+
+impl Leader {
+    /// USR2: starts a new leader from the binary on disk, on our sockets.
+    pub(super) fn reexec(&mut self) {
+        if self.stopping.is_some() {
+            return;
+        }
+        if let Some(child) = self.upgrade.child {
+            log::warn!("USR2 ignored: the new leader (pid {child}) is still running");
+            return;
+        }
+        if let Some(parent) = self.upgrade.parent {
+            log::warn!("USR2 ignored: the old leader (pid {parent}) is still running");
+            return;
+        }
+        let start = start();
+        let Some(exe) = &start.exe else {
+            log::error!("USR2: cannot tell which binary to execute");
+            return;
+        };
+        let mut fds = Vec::new();
+        for l in &self.listeners {
+            if let Err(e) = l.set_inheritable() {
+                log::error!("USR2: cannot pass the socket {l} on: {e}");
+                return;
+            }
+            fds.push(l.fd().to_string());
+        }
+        let plan = match ExecPlan::new(exe, &start.argv, start.cwd.as_deref(), &fds.join(",")) {
+            Ok(p) => p,
+            Err(e) => {
+                log::error!("USR2: {e:#}");
+                return;
+            }
+        };
+        // Renamed before the fork, so the new leader's pid file never collides with ours.
+        if let Some(path) = self.pidfile.clone() {
+            let old = oldbin(&path);
+            match std::fs::rename(&path, &old) {
+                Ok(()) => {
+                    self.pidfile = Some(old);
+                    self.upgrade.renamed_from = Some(path);
+                }
+                Err(e) => log::warn!("USR2: cannot rename {}: {e}", path.display()),
+            }
+        }
+        match Python::attach(crate::python::fork) {
+            Ok(crate::python::Forked::Parent(pid)) => {
+                log::info!(
+                    "USR2: started a new leader (pid {pid}) from {}",
+                    exe.display()
+                );
+                self.upgrade.child = Some(pid);
+            }
+            Ok(crate::python::Forked::Child) => {
+                signals::uninstall();
+                let ok = Python::attach(|py| {
+                    crate::hooks::call(py, &self.hooks, "pre_exec", || {
+                        Ok(vec![arg(py, &self.server)])
+                    })
+                    .is_ok()
+                });
+                if ok {
+                    let err = plan.exec();
+                    log::error!("USR2: cannot execute {}: {err}", exe.display());
+                }
+                spawn::exit_worker(crate::worker::WorkerExit::BootError);
+            }
+            Err(e) => {
+                log::error!("USR2: fork failed: {e}");
+                self.restore_pidfile();
+            }
+        }
+        // Our own workers must not inherit the sockets past an exec of their own.
+        for l in &self.listeners {
+            set_cloexec(l.fd());
+        }
+    }
+
+    /// The new leader is gone while we still run: the pid file is ours again.
+    pub(super) fn restore_pidfile(&mut self) {
+        if let (Some(current), Some(original)) = (&self.pidfile, self.upgrade.renamed_from.take()) {
+            match std::fs::rename(current, &original) {
+                Ok(()) => self.pidfile = Some(original),
+                Err(e) => log::warn!("cannot rename {} back: {e}", current.display()),
+            }
+        }
+    }
+
+    /// A leader started by USR2 becomes the only one once its old leader is gone.
+    pub(super) fn check_promoted(&mut self) {
+        if let Some(parent) = self.upgrade.parent
+            && nix::unistd::getppid() != parent
+        {
+            log::info!("The old leader (pid {parent}) is gone: this leader is promoted");
+            self.upgrade.parent = None;
+        }
     }
 }
 
