@@ -204,6 +204,7 @@ impl Load {
             failed.first()
         );
         assert!(ok > 0, "{what}: no request ran");
+        eprintln!("{what}: {ok} requests, none failed");
     }
 }
 
