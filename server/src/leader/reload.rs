@@ -8,8 +8,8 @@
 //! keeps C extensions (which cannot be imported twice) safe. If the new import fails, the old
 //! modules go back into `sys.modules` and the old application keeps serving.
 //!
-//! The old application is unfrozen first (`gc.unfreeze()`), so the collection after the import
-//! can free it; the new one is frozen again for copy-on-write sharing.
+//! The old application is unfrozen first (`gc.unfreeze()`), so an explicit collection after the
+//! import frees it; the new one is frozen again for copy-on-write sharing.
 
 use std::ffi::CStr;
 use std::process::ExitCode;
@@ -93,6 +93,12 @@ pub fn reimport(py: Python<'_>, spec: &AppSpec, freeze: bool) -> anyhow::Result<
     match crate::python::import_app(py, spec) {
         Ok(app) => {
             drop(saved);
+            // The old application is garbage now; the leader's collector may be off (it is
+            // under --preload with gc freezing), so collect it explicitly before freezing the
+            // new one, or every reload would keep the previous app alive.
+            if let Err(e) = py.import("gc").and_then(|gc| gc.call_method0("collect")) {
+                log::warn!("reload: {}", crate::python::format_exception(e));
+            }
             if freeze {
                 crate::python::freeze(py)
                     .map_err(|e| anyhow::anyhow!(crate::python::format_exception(e)))?;

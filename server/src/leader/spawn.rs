@@ -50,7 +50,6 @@ fn boot_and_serve(
     super::signals::uninstall();
     // The leader paused the collector for the preload import (python::disable_gc).
     let _ = crate::python::enable_gc(py);
-    crate::proctitle::set(&crate::proctitle::worker_title(slot, &leader.app_name));
     let pid = std::process::id();
     let leader_pid = nix::unistd::getppid().as_raw() as u32;
     if let Ok(mut w) = worker.try_borrow_mut(py)
@@ -74,6 +73,8 @@ fn boot_and_serve(
     {
         log::warn!("cannot write to the runtime directory: {e}");
     }
+    // The title last: whoever finds a worker by its title finds its process.json too.
+    crate::proctitle::set(&crate::proctitle::worker_title(slot, &leader.app_name));
     let wakeup = match crate::worker::signals::install(py, &leader.settings.errorlog) {
         Ok(fd) => fd,
         Err(e) => {
