@@ -1045,3 +1045,33 @@ fn hup_with_new_workers_that_cannot_boot_keeps_the_old_workers_serving() {
     load.wait_requests(20);
     load.finish("HUP with a broken, then a fixed app");
 }
+
+#[test]
+fn a_new_worker_stuck_in_its_import_during_a_reload_times_out_with_its_stack() {
+    let dir = app_dir("before-the-hang");
+    let s = ServerBuilder::new("lc_app:app")
+        .chdir(dir.path())
+        .args(&["--timeout", "3"])
+        .start();
+    let old: i32 = get(s.addr, "/pid").expect("pid").parse().expect("pid");
+    std::fs::write(
+        dir.path().join("lc_app.py"),
+        "import time\n\ndef connect_to_a_database_that_never_answers():\n    time.sleep(600)\n\n\
+         connect_to_a_database_that_never_answers()\n",
+    )
+    .expect("app");
+    s.signal(Signal::SIGHUP);
+    s.wait_log("WORKER TIMEOUT", Duration::from_secs(60));
+    wait_for("the import's stack", Duration::from_secs(30), || {
+        s.log_text()
+            .contains("in connect_to_a_database_that_never_answers")
+            .then_some(())
+    });
+    assert!(
+        !s.log_text()
+            .contains(&format!("WORKER TIMEOUT (pid:{old})"))
+    );
+    // Meanwhile the old worker serves the old code.
+    assert_eq!(get(s.addr, "/").as_deref(), Ok("before-the-hang"));
+    assert!(procs::alive(old));
+}

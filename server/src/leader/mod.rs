@@ -478,8 +478,15 @@ impl Leader {
                 .slots
                 .serving()
                 .filter(|(slot, w)| {
-                    w.spawned_at.elapsed().as_secs() >= timeout
-                        && self.heartbeats.silence_ms(*slot) > timeout * 1000
+                    let age_ms = w.spawned_at.elapsed().as_millis() as u64;
+                    if self.ready.is_ready(*slot, w.pid.as_raw() as u32) {
+                        age_ms >= timeout * 1000
+                            && self.heartbeats.silence_ms(*slot) > timeout * 1000
+                    } else {
+                        // Still booting: its slot's heartbeat may be the old worker's (during
+                        // a reload), so the boot itself is what must end within --timeout.
+                        age_ms > timeout * 1000
+                    }
                 })
                 .map(|(s, w)| (s, w.pid))
                 .collect();
