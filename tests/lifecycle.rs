@@ -1075,3 +1075,33 @@ fn a_new_worker_stuck_in_its_import_during_a_reload_times_out_with_its_stack() {
     assert_eq!(get(s.addr, "/").as_deref(), Ok("before-the-hang"));
     assert!(procs::alive(old));
 }
+
+#[test]
+fn hup_with_an_invalid_config_file_keeps_the_current_settings() {
+    let dir = app_dir("configured");
+    let conf = dir.path().join("gunicorn.conf.py");
+    std::fs::write(&conf, "proc_name = 'first'\n").expect("conf");
+    let s = ServerBuilder::new("lc_app:app")
+        .chdir(dir.path())
+        .args(&["-c", path_str(&conf)])
+        .start();
+    std::fs::write(&conf, "proc_name = 'second'\nworkers = 'many'\n").expect("conf");
+    s.signal(Signal::SIGHUP);
+    s.wait_log(
+        "reload: the configuration is invalid, keeping the current one",
+        Duration::from_secs(30),
+    );
+    assert!(
+        s.log_text().contains("workers"),
+        "the error names the setting"
+    );
+    wait_for("the replaced worker", Duration::from_secs(60), || {
+        let w = s.workers();
+        (w.len() == 1 && procs::title(w[0].1).is_some_and(|t| t.ends_with("[first]"))).then_some(())
+    });
+    assert_eq!(
+        procs::title(s.pid()).as_deref(),
+        Some("forkscope-server: leader [first]")
+    );
+    assert_eq!(get(s.addr, "/").as_deref(), Ok("configured"));
+}
