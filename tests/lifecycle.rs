@@ -500,7 +500,7 @@ fn a_hung_request_yields_its_traceback_in_the_log_and_a_fresh_worker() {
         Duration::from_secs(60),
         || {
             let w = s.workers();
-            (w.len() == 1 && w[0].1 != victim).then_some(w[0])
+            (w.len() == 1 && w[0].1 != victim).then(|| w[0])
         },
     );
     assert_eq!(fresh.0, slot);
