@@ -98,7 +98,7 @@ fn threads_run_requests_concurrently_in_one_worker() {
         .start();
     let addr = s.addr;
     let handles: Vec<_> = (0..2)
-        .map(|_| std::thread::spawn(move || request(addr, "GET", "/barrier?n=2&t=20", &[], b"")))
+        .map(|_| std::thread::spawn(move || request(addr, "GET", "/barrier?n=2&t=8", &[], b"")))
         .collect();
     for h in handles {
         let r = h.join().expect("thread");

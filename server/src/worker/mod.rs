@@ -121,6 +121,19 @@ impl Shared {
         }
     }
 
+    /// Wakes the next loop after `me` that is not inside a request (none when all are busy:
+    /// they look at the listeners again when their request ends).
+    fn wake_idle_sibling(&self, me: usize) {
+        let n = self.wakers.len();
+        for step in 1..n {
+            let i = (me + step) % n;
+            if self.busy_since[i].load(Ordering::Relaxed) == 0 {
+                let _ = self.wakers[i].wake();
+                return;
+            }
+        }
+    }
+
     fn begin_stop(&self, why: &str) {
         if !self.stopping.swap(true, Ordering::SeqCst) {
             log::debug!("worker {} stopping: {why}", std::process::id());
@@ -321,7 +334,12 @@ impl EventLoop {
                             return Ok(WorkerExit::Normal);
                         }
                     }
-                    STOP => {}
+                    // Woken for a stop, or by a sibling that left clients to accept.
+                    STOP => {
+                        for i in 0..self.listeners.len() {
+                            self.accept(i);
+                        }
+                    }
                     Token(i) if i < FIRST_CONN => self.accept(i),
                     Token(key) => {
                         if (event.is_readable() || event.is_read_closed() || event.is_error())
@@ -404,8 +422,17 @@ impl EventLoop {
         }
     }
 
+    /// Accepts waiting clients. With several threads each takes one client at a time and hands
+    /// the listener to an idle sibling, so clients spread over the threads instead of queueing
+    /// behind the one thread that woke first.
     fn accept(&mut self, index: usize) {
-        while self.accepting && self.conns.len() < self.max_connections {
+        let batch = if self.shared.config.threads > 1 {
+            1
+        } else {
+            usize::MAX
+        };
+        let mut taken = 0;
+        while self.accepting && taken < batch && self.conns.len() < self.max_connections {
             let accepted = match &self.listeners[index] {
                 Accepting::Tcp(l) => l.accept().map(|(s, remote)| {
                     let _ = s.set_nodelay(true);
@@ -449,6 +476,11 @@ impl EventLoop {
                         continue;
                     }
                     self.conns.insert(key, conn);
+                    taken += 1;
+                    if taken == batch {
+                        // More may be waiting and the edge is spent: let an idle sibling look.
+                        self.shared.wake_idle_sibling(self.index);
+                    }
                     self.drive(key);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
