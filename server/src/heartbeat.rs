@@ -5,13 +5,11 @@
 //! the leader's check is a load. A worker beats from its event loop only while no request has
 //! run longer than `--timeout`, so a stuck request, not only a stuck loop, stops the beats.
 
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous};
+use crate::slot_table::SlotTable;
 
-/// How many slots the shared table holds; `TTIN` cannot grow past it.
-pub const MAX_SLOTS: usize = 4096;
+pub use crate::slot_table::MAX_SLOTS;
 
 /// Milliseconds on the system-wide monotonic clock (the same in every process).
 pub fn now_ms() -> u64 {
@@ -20,16 +18,11 @@ pub fn now_ms() -> u64 {
     (ts.tv_sec() as u64) * 1000 + (ts.tv_nsec() as u64) / 1_000_000
 }
 
-/// The shared table; cheap to copy (it is a pointer to memory that lives until exit).
+/// The last beat of each slot, in monotonic milliseconds (0 = never).
 #[derive(Clone, Copy, Debug)]
 pub struct Heartbeats {
-    base: NonNull<AtomicU64>,
+    table: SlotTable,
 }
-
-// SAFETY: the memory is a table of atomics that stays mapped for the life of the process.
-unsafe impl Send for Heartbeats {}
-// SAFETY: as above; all access goes through atomic operations.
-unsafe impl Sync for Heartbeats {}
 
 impl Heartbeats {
     /// Maps the table (shared with every child forked afterwards).
@@ -37,24 +30,13 @@ impl Heartbeats {
     /// # Errors
     /// `mmap` failed.
     pub fn new() -> nix::Result<Self> {
-        let len = std::num::NonZeroUsize::new(MAX_SLOTS * 8).expect("non-zero size");
-        // SAFETY: a fresh anonymous mapping, zero-filled, never unmapped.
-        let ptr = unsafe {
-            mmap_anonymous(
-                None,
-                len,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
-            )?
-        };
-        Ok(Self { base: ptr.cast() })
+        Ok(Self {
+            table: SlotTable::new()?,
+        })
     }
 
     fn cell(&self, slot: u32) -> Option<&AtomicU64> {
-        let slot = slot as usize;
-        // SAFETY: index checked against the mapping size; AtomicU64 has the alignment of u64 and
-        // the mapping is page-aligned.
-        (slot < MAX_SLOTS).then(|| unsafe { &*self.base.as_ptr().add(slot) })
+        self.table.cell(slot)
     }
 
     /// Records that the worker in `slot` is alive now.

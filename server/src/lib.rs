@@ -14,6 +14,7 @@
 //! - [`python`]: interpreter start-up, imports, preload, fork hooks.
 //! - [`profiler`]: the tracemalloc doorbell inside every worker.
 //! - [`runtime_dir`]: this process' folder in the runtime directory shared with the sidecar.
+//! - [`heartbeat`], [`slot_table`]: per-slot words shared by the leader and its workers.
 //! - [`proctitle`]: the process titles `ps` shows (`forkscope-server: worker N [APP]`).
 
 pub mod config_file;
@@ -28,6 +29,7 @@ pub mod profiler;
 pub mod python;
 pub mod runtime_dir;
 pub mod settings;
+pub mod slot_table;
 pub mod worker;
 pub mod wsgi;
 

@@ -5,23 +5,15 @@
 //! worker in its slot has written its PID here, so a reload never leaves a slot without a
 //! worker that accepts, even when the new workers take seconds to import the app.
 
-use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 
-use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous};
+use crate::slot_table::SlotTable;
 
-use crate::heartbeat::MAX_SLOTS;
-
-/// The shared table; a copy is a pointer to memory that lives until exit.
+/// The PID of the worker that is ready in each slot (0 = none yet).
 #[derive(Clone, Copy, Debug)]
 pub struct Ready {
-    base: NonNull<AtomicU32>,
+    table: SlotTable,
 }
-
-// SAFETY: the memory is a table of atomics that stays mapped for the life of the process.
-unsafe impl Send for Ready {}
-// SAFETY: as above; all access goes through atomic operations.
-unsafe impl Sync for Ready {}
 
 impl Ready {
     /// Maps the table (shared with every child forked afterwards).
@@ -29,36 +21,23 @@ impl Ready {
     /// # Errors
     /// `mmap` failed.
     pub fn new() -> nix::Result<Self> {
-        let len = std::num::NonZeroUsize::new(MAX_SLOTS * 4).expect("non-zero size");
-        // SAFETY: a fresh anonymous mapping, zero-filled, never unmapped.
-        let ptr = unsafe {
-            mmap_anonymous(
-                None,
-                len,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
-            )?
-        };
-        Ok(Self { base: ptr.cast() })
-    }
-
-    fn cell(&self, slot: u32) -> Option<&AtomicU32> {
-        let slot = slot as usize;
-        // SAFETY: index checked against the mapping size; the mapping is page-aligned.
-        (slot < MAX_SLOTS).then(|| unsafe { &*self.base.as_ptr().add(slot) })
+        Ok(Self {
+            table: SlotTable::new()?,
+        })
     }
 
     /// In a worker: it serves from now on.
     pub fn mark(&self, slot: u32, pid: u32) {
-        if let Some(c) = self.cell(slot) {
-            c.store(pid, Ordering::SeqCst);
+        if let Some(c) = self.table.cell(slot) {
+            c.store(u64::from(pid), Ordering::SeqCst);
         }
     }
 
     /// True once the worker `pid` of `slot` has marked itself ready.
     pub fn is_ready(&self, slot: u32, pid: u32) -> bool {
-        self.cell(slot)
-            .is_some_and(|c| c.load(Ordering::SeqCst) == pid)
+        self.table
+            .cell(slot)
+            .is_some_and(|c| c.load(Ordering::SeqCst) == u64::from(pid))
     }
 }
 
