@@ -311,5 +311,11 @@ def write(results_path: Path, out: Path, root: Path) -> None:
         shown = str(results_path.resolve().relative_to(root))
     except ValueError:
         shown = str(results_path)
+    text = render(raw, shown)
+    # Measurements made by other scripts (profiler cost, sidecar latency) are kept by hand in
+    # bench/other-measurements.md, each with the command that produced it.
+    extra = root / "bench" / "other-measurements.md"
+    if extra.exists():
+        text += "\n" + extra.read_text()
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(raw, shown))
+    out.write_text(text)
