@@ -112,6 +112,12 @@ struct Shared {
     /// `pre_request` / `post_request` from the config file; `None` (the common case) costs
     /// one check per request.
     hooks: Option<crate::hooks::RequestHooks>,
+    /// With several threads: the queue in which they wait for the GIL (FIFO). CPython hands
+    /// the GIL to whichever thread asks first after a release, so the thread that just
+    /// finished a request usually takes it again while the others wait out the 5 ms switch
+    /// interval; queueing here first makes the hand-over orderly. It is held only until the
+    /// GIL is taken, so an app that releases the GIL (I/O, sleep) still lets others run.
+    gil_queue: parking_lot::Mutex<()>,
 }
 
 impl Shared {
@@ -189,6 +195,7 @@ pub fn serve(
         busy_since: (0..threads).map(|_| AtomicU64::new(0)).collect(),
         wakers,
         hooks,
+        gil_queue: parking_lot::Mutex::new(()),
     });
     let mut loops = Vec::with_capacity(threads);
     for (index, poll) in polls.into_iter().enumerate() {
@@ -519,12 +526,17 @@ impl EventLoop {
                     let pending = std::mem::take(&mut conn.out);
                     let busy = &self.shared.busy_since[self.index];
                     busy.store(crate::heartbeat::now_ms(), Ordering::Relaxed);
-                    let done = match &self.shared.hooks {
-                        None => Python::attach(|py| self.shared.wsgi.handle(py, req, fd, pending)),
-                        Some(hooks) => Python::attach(|py| {
-                            hooked_request(py, hooks, &self.shared.wsgi, req, fd, pending)
-                        }),
-                    };
+                    let turn =
+                        (self.shared.config.threads > 1).then(|| self.shared.gil_queue.lock());
+                    let done = Python::attach(|py| {
+                        drop(turn);
+                        match &self.shared.hooks {
+                            None => self.shared.wsgi.handle(py, req, fd, pending),
+                            Some(hooks) => {
+                                hooked_request(py, hooks, &self.shared.wsgi, req, fd, pending)
+                            }
+                        }
+                    });
                     busy.store(0, Ordering::Relaxed);
                     if !self.complete(key, done) {
                         return;
