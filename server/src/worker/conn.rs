@@ -195,11 +195,6 @@ impl Conn {
         matches!(self.phase, Phase::Head) && self.rbuf.is_empty() && self.out.is_empty()
     }
 
-    /// Stop keeping the connection alive after the current exchange (graceful stop).
-    pub fn close_when_done(&mut self) {
-        self.close_after_write = true;
-    }
-
     /// Takes back the connection after the app handled its request.
     pub fn finish_request(&mut self, keep_alive: bool, pending: Vec<u8>) {
         self.phase = Phase::Head;

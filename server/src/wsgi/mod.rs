@@ -147,10 +147,7 @@ impl Wsgi {
         };
         let outcome = self.run_app(py, &mut req, &response);
         let mut state = response.borrow_mut();
-        let mut done = Completion {
-            headers: state.headers().to_vec(),
-            ..Completion::default()
-        };
+        let mut done = Completion::default();
         match outcome.and_then(|()| state.finish()) {
             Ok(keep_alive) => {
                 done.keep_alive = keep_alive;
@@ -178,6 +175,8 @@ impl Wsgi {
                 done.keep_alive = false;
             }
         }
+        // Moved, not copied: the response state ends here.
+        done.headers = state.take_headers();
         // Try once now; whatever is left is the event loop's to send.
         if let Err(e) = state.out.try_flush() {
             log::debug!("client went away: {e}");

@@ -60,12 +60,13 @@ impl StartResponse {
         self.plan.as_ref()
     }
 
-    /// The status and headers the app gave, sent or not (for the access log).
-    pub fn headers(&self) -> &[(String, String)] {
-        match &self.pending {
-            Some((_, h)) => h,
-            None => &[],
-        }
+    /// Takes the headers the app gave, sent or not (for the access log and `post_request`);
+    /// call once the response is finished.
+    pub fn take_headers(&mut self) -> Vec<(String, String)> {
+        self.pending
+            .as_mut()
+            .map(|(_, h)| std::mem::take(h))
+            .unwrap_or_default()
     }
 
     /// Validates and encodes the head; the status and headers stay readable for the access log.
