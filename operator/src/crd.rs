@@ -12,6 +12,9 @@ use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+// The bounds the sidecar's API enforces; the CRD takes the same ones.
+use forkscope_protocol::command::{MAX_FRAMES, MAX_TARGET_WORKERS, MAX_TOP};
+
 /// Name under which the generated CRD is installed (`PLURAL.GROUP`).
 pub const CRD_NAME: &str = "profilerequests.forkscope.dev";
 
@@ -107,12 +110,13 @@ pub struct ProfileRequestSpec {
     /// Traceback depth recorded per allocation (tracemalloc frames), 1-100. Deeper tracebacks
     /// cost the worker more memory and time while tracing.
     #[serde(default = "default_frames")]
-    #[schemars(range(min = 1, max = 100))]
+    #[schemars(range(min = 1, max = MAX_FRAMES))]
     pub frames: i32,
 
-    /// How many allocation sites to report (per worker, and in the aggregate), 1-1000.
+    /// How many allocation sites to report (per worker, and in the aggregate), 1-10000. The
+    /// status keeps as many as fit; the full list then goes to `status.resultConfigMap`.
     #[serde(default = "default_top")]
-    #[schemars(range(min = 1, max = 1000))]
+    #[schemars(range(min = 1, max = MAX_TOP))]
     pub top: i32,
 
     /// How many pods are profiled at once, 1-100.
@@ -177,12 +181,12 @@ pub struct WorkerSelection {
 
     /// The N workers with the largest proportional set size (PSS), 1-1024.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 1024))]
+    #[schemars(range(min = 1, max = MAX_TARGET_WORKERS))]
     pub top_by_pss: Option<i32>,
 
     /// The workers in these stable slots (0-based, as in `forkscope-server: worker N`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 256), inner(range(min = 0, max = 4095)))]
+    #[schemars(length(min = 1, max = MAX_TARGET_WORKERS), inner(range(min = 0, max = 4095)))]
     #[x_kube(merge_strategy = ListMerge::Set)]
     pub slots: Option<Vec<i32>>,
 }
@@ -248,17 +252,17 @@ pub struct ProfileRequestStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<Time>,
 
-    /// How many pods the selector matched when the request started.
+    /// How many pods the selector matched when the request started (skipped ones included).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub selected_pods: Option<i32>,
 
-    /// How many pods delivered a result for every selected worker.
+    /// How many pods delivered a result.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub succeeded_pods: Option<i32>,
 
-    /// How many pods failed entirely.
+    /// How many pods failed or were skipped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub failed_pods: Option<i32>,
@@ -268,18 +272,48 @@ pub struct ProfileRequestStatus {
     #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
     pub pods: Vec<PodOutcome>,
 
-    /// The allocation sites that grew most, aggregated across all workers and pods, largest
-    /// growth first (at most `spec.top`).
+    /// HeapDiff: the allocation sites that grew most, aggregated across all workers and pods,
+    /// largest growth first (at most `spec.top`, and fewer when the status would grow too large:
+    /// see `resultConfigMap`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub top_sites: Vec<SiteSummary>,
 
-    /// One-line summary of the first entry of `topSites`, for `kubectl get`.
+    /// Stacks: identical stacks across all workers and pods, the most frequent first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top_stacks: Vec<StackSummary>,
+
+    /// `FILE:LINE` of the site that grew most (HeapDiff), or the innermost frame of the most
+    /// frequent stack (Stacks), for `kubectl get`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_site: Option<String>,
 
-    /// A ConfigMap holding the full result when it is too large for the status.
+    /// A ConfigMap owned by this request that holds the full result, set when the result is too
+    /// large for the status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result_config_map: Option<ResultReference>,
+}
+
+/// Progress of one selected pod.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum PodPhase {
+    /// Waiting for its turn (`spec.parallelism`) or for a busy worker.
+    #[default]
+    Pending,
+    /// A sidecar session runs; its id is in `sessionId`.
+    Running,
+    /// The session delivered a result for at least one worker.
+    Succeeded,
+    /// No result: see `reason` and `message`.
+    Failed,
+    /// Not profiled: the pod has no sidecar port (see `reason`).
+    Skipped,
+}
+
+impl PodPhase {
+    /// Whether this pod is done (successfully or not).
+    pub fn is_finished(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Skipped)
+    }
 }
 
 /// What happened on one selected pod.
@@ -289,20 +323,41 @@ pub struct PodOutcome {
     /// The pod's name.
     pub name: String,
 
-    /// The pod IP the sidecar was reached at.
-    #[serde(default, rename = "podIP", skip_serializing_if = "Option::is_none")]
-    pub pod_ip: Option<String>,
+    /// The pod's uid: a pod re-created under the same name is another pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+
+    /// The sidecar's address (`IP:PORT`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar: Option<String>,
 
     /// Progress of this pod.
-    pub phase: Phase,
+    pub phase: PodPhase,
 
-    /// Why the pod failed as a whole (sidecar unreachable, no workers found, ...).
+    /// Why the pod failed or was skipped, in `PascalCase` (e.g. `SidecarUnreachable`,
+    /// `WorkerBusy`, `PodGone`, `NoSidecarPort`); see docs/OPERATOR.md.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+    pub reason: Option<String>,
 
-    /// One entry per profiled worker slot.
+    /// The details of `reason`, for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+
+    /// The sidecar's profile session id, recorded as soon as the session exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+
+    /// When the session started on this pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+
+    /// Start attempts refused because a worker was busy with another session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub busy_retries: Option<i32>,
+
+    /// One entry per profiled worker.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[x_kube(merge_strategy = ListMerge::Map(vec!["slot".into()]))]
     pub workers: Vec<WorkerOutcome>,
 }
 
@@ -328,6 +383,15 @@ pub struct WorkerOutcome {
     #[schemars(range(min = 0))]
     pub pss_after_bytes: Option<i64>,
 
+    /// Growth of the memory tracemalloc traced, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traced_growth_bytes: Option<i64>,
+
+    /// True when PSS grew far more than tracemalloc saw (after tracemalloc's own overhead):
+    /// memory that Python's allocator did not hand out, typically a C extension's leak.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub native_growth_suspected: bool,
+
     /// Why this worker delivered no result; unset on success.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -350,9 +414,36 @@ pub struct SiteSummary {
     /// Growth in allocated blocks between start and capture, summed over workers.
     pub count_diff: i64,
 
-    /// How many workers reported this site.
+    /// In how many workers the site grew.
     #[schemars(range(min = 0))]
     pub workers: i32,
+
+    /// In how many pods the site grew.
+    #[schemars(range(min = 0))]
+    pub pods: i32,
+
+    /// The largest growth of the site in a single worker, in bytes.
+    pub max_worker_size_diff_bytes: i64,
+}
+
+/// One distinct Python stack, counted across all profiled workers and pods.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StackSummary {
+    /// Frames as `file:line in function`, innermost first.
+    pub frames: Vec<String>,
+
+    /// How many threads were in exactly this stack.
+    #[schemars(range(min = 0))]
+    pub threads: i32,
+
+    /// In how many workers.
+    #[schemars(range(min = 0))]
+    pub workers: i32,
+
+    /// In how many pods.
+    #[schemars(range(min = 0))]
+    pub pods: i32,
 }
 
 /// Points at the ConfigMap key that holds the full result JSON.
@@ -462,7 +553,7 @@ mod tests {
             selected_pods: Some(2),
             pods: vec![PodOutcome {
                 name: "web-0".into(),
-                phase: Phase::Succeeded,
+                phase: PodPhase::Succeeded,
                 workers: vec![WorkerOutcome {
                     slot: 3,
                     pss_before_bytes: Some(10),

@@ -12,6 +12,10 @@ pub const MAX_FRAMES: u32 = 100;
 /// Bounds on how many allocation sites a heap diff may list.
 pub const MAX_TOP: u32 = 10_000;
 
+/// The most workers one session may name (slots listed, or the top-by-PSS count); the
+/// sidecar's API and the operator's CRD both take their bound from here.
+pub const MAX_TARGET_WORKERS: u32 = 1024;
+
 /// One instruction for one worker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]

@@ -154,7 +154,16 @@ pub struct ProfileRequest {
     /// stopped as timed out, 1..=86400 (default 3600).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_seconds: Option<f64>,
+    /// Who asked, as the caller names itself (the operator sends
+    /// `profilerequest/NAMESPACE/NAME/UID`): printable ASCII, at most 256 bytes. It is kept in
+    /// the session, so a caller that lost track of a session it started finds it in
+    /// `GET /v1/profiles` instead of starting a second one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
+
+/// The longest `owner` a profile request may carry.
+pub const MAX_OWNER_BYTES: usize = 256;
 
 /// Default traceback depth of a session.
 pub fn default_frames() -> u32 {
@@ -178,6 +187,7 @@ impl ProfileRequest {
             top: default_top(),
             group_by: GroupBy::Lineno,
             timeout_seconds: None,
+            owner: None,
         }
     }
 

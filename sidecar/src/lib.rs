@@ -18,110 +18,41 @@
 //! - [`metrics`]: the Prometheus registry and the scrape-time `/proc` collector.
 //! - [`auth`]: the bearer-token check.
 //! - [`routes`], [`error`], [`openapi`]: the HTTP surface.
+//!
+//! # Features
+//! `service` (default) builds the sidecar itself. Without it the crate is [`api`], [`client`]
+//! and [`openapi`] only, so a caller (the operator) links neither axum, procfs nor prometheus:
+//! `forkscope-sidecar = { default-features = false }`.
 #![warn(missing_docs)]
 
 pub mod api;
-pub mod auth;
 pub mod client;
-pub mod discovery;
-pub mod error;
-pub mod leader;
-pub mod memory;
-pub mod metrics;
 pub mod openapi;
-pub mod routes;
-pub mod sessions;
-pub mod signals;
-pub mod summary;
-
-use std::future::Future;
-use std::path::PathBuf;
-use std::sync::Arc;
-
-use forkscope_protocol::RuntimeDir;
 
 pub use client::{Client, ClientError};
-pub use routes::router as app;
 
-use discovery::ProcSource;
-use sessions::{SessionLimits, Sessions};
+#[cfg(feature = "service")]
+pub mod auth;
+#[cfg(feature = "service")]
+pub mod discovery;
+#[cfg(feature = "service")]
+pub mod error;
+#[cfg(feature = "service")]
+pub mod leader;
+#[cfg(feature = "service")]
+pub mod memory;
+#[cfg(feature = "service")]
+pub mod metrics;
+#[cfg(feature = "service")]
+pub mod routes;
+#[cfg(feature = "service")]
+pub mod sessions;
+#[cfg(feature = "service")]
+pub mod signals;
+#[cfg(feature = "service")]
+pub mod summary;
 
-/// Everything needed to build the service; plain data (the CLI fills it).
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// The proc file system root (`/proc`).
-    pub proc_root: PathBuf,
-    /// The runtime directory shared with the server.
-    pub runtime_dir: PathBuf,
-    /// The file holding the bearer token.
-    pub token_file: PathBuf,
-    /// Session tunables.
-    pub limits: SessionLimits,
-}
-
-/// The state every route shares (cheap to clone).
-#[derive(Clone)]
-pub struct AppState {
-    /// Where processes are read.
-    pub source: ProcSource,
-    /// The runtime directory.
-    pub runtime: RuntimeDir,
-    /// Profile sessions.
-    pub sessions: Sessions,
-    /// Prometheus registry and counters.
-    pub metrics: Arc<metrics::Metrics>,
-    /// The bearer-token check.
-    pub token: Arc<auth::TokenCheck>,
-    /// Serializes worker-count changes.
-    pub scale_lock: routes::ScaleLock,
-}
-
-impl AppState {
-    /// Resolves `config`: reads the token and registers metrics. Orphan recovery is started by
-    /// [`serve`].
-    ///
-    /// # Errors
-    /// When the token file is unreadable or empty.
-    pub fn new(config: &Config) -> Result<Self, auth::TokenError> {
-        let token = Arc::new(auth::TokenCheck::from_file(&config.token_file)?);
-        let source = ProcSource::new(&config.proc_root);
-        let runtime = RuntimeDir::new(&config.runtime_dir);
-        let metrics = Arc::new(metrics::Metrics::new(source.clone()));
-        let sessions = Sessions::new(
-            source.clone(),
-            runtime.clone(),
-            config.limits.clone(),
-            metrics.sessions.clone(),
-        );
-        Ok(Self {
-            source,
-            runtime,
-            sessions,
-            metrics,
-            token,
-            scale_lock: Arc::new(tokio::sync::Mutex::new(())),
-        })
-    }
-}
-
-/// Serves the API on `listener` until `shutdown` completes; first starts recovering the
-/// sessions an earlier sidecar process left behind (`/readyz` says when that is done), and at
-/// the end cancels the sessions still running, so tracing stops with the sidecar.
-///
-/// # Errors
-/// I/O errors of the listener.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    state: AppState,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let sessions = state.sessions.clone();
-    let recovery = sessions.clone();
-    tokio::spawn(async move { recovery.recover_orphans().await });
-    let served = axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
-        .await;
-    // Tracing must not outlive the sidecar: stop what still runs.
-    sessions.cancel_all().await;
-    served
-}
+#[cfg(feature = "service")]
+mod service;
+#[cfg(feature = "service")]
+pub use service::{AppState, Config, app, serve};

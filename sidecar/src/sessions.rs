@@ -23,6 +23,8 @@ use prometheus::IntCounterVec;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+use forkscope_protocol::command::{MAX_FRAMES, MAX_TARGET_WORKERS, MAX_TOP};
+
 use crate::api::{
     ProfileKind, ProfileRequest, Session, SessionList, SessionState, Targets, WorkerRun,
     WorkerState,
@@ -1003,11 +1005,14 @@ impl Sessions {
 /// Checks every field of a profile request against its documented range.
 fn validate(req: &ProfileRequest) -> Result<(), ApiError> {
     let bad = |m: String| Err(ApiError::InvalidRequest(m));
-    if !(1..=forkscope_protocol::command::MAX_FRAMES).contains(&req.frames) {
-        return bad(format!("frames must be 1..=100, got {}", req.frames));
+    if !(1..=MAX_FRAMES).contains(&req.frames) {
+        return bad(format!(
+            "frames must be 1..={MAX_FRAMES}, got {}",
+            req.frames
+        ));
     }
-    if !(1..=forkscope_protocol::command::MAX_TOP).contains(&req.top) {
-        return bad(format!("top must be 1..=10000, got {}", req.top));
+    if !(1..=MAX_TOP).contains(&req.top) {
+        return bad(format!("top must be 1..={MAX_TOP}, got {}", req.top));
     }
     if let Some(d) = req.duration_seconds
         && !(0.1..=3600.0).contains(&d)
@@ -1019,13 +1024,26 @@ fn validate(req: &ProfileRequest) -> Result<(), ApiError> {
     {
         return bad(format!("timeout_seconds must be 1..=86400, got {t}"));
     }
+    if let Some(owner) = &req.owner
+        && (owner.len() > crate::api::MAX_OWNER_BYTES
+            || !owner.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
+    {
+        return bad(format!(
+            "owner must be printable ASCII of at most {} bytes",
+            crate::api::MAX_OWNER_BYTES
+        ));
+    }
     match &req.targets {
-        Targets::Slots { slots } if slots.is_empty() || slots.len() > 1024 => {
-            bad("targets.slots must list 1..=1024 slots".into())
+        Targets::Slots { slots }
+            if slots.is_empty() || slots.len() > MAX_TARGET_WORKERS as usize =>
+        {
+            bad(format!(
+                "targets.slots must list 1..={MAX_TARGET_WORKERS} slots"
+            ))
         }
-        Targets::TopPss { count } if !(1..=1024).contains(count) => {
-            bad(format!("targets.count must be 1..=1024, got {count}"))
-        }
+        Targets::TopPss { count } if !(1..=MAX_TARGET_WORKERS).contains(count) => bad(format!(
+            "targets.count must be 1..={MAX_TARGET_WORKERS}, got {count}"
+        )),
         _ => Ok(()),
     }
 }

@@ -1,0 +1,154 @@
+//! The operator's Prometheus metrics (prefix `forkscope_operator_`), served on `/metrics`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Counters and histograms, cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    reconciles: IntCounterVec,
+    reconcile_seconds: HistogramVec,
+    requests: IntGaugeVec,
+    sidecar_calls: IntCounterVec,
+    sidecar_seconds: HistogramVec,
+}
+
+/// Every phase label of `forkscope_operator_requests`, so each series exists from the start.
+pub const PHASES: [&str; 5] = [
+    "Pending",
+    "Running",
+    "Succeeded",
+    "PartiallySucceeded",
+    "Failed",
+];
+
+impl Metrics {
+    /// Registers every metric in a fresh registry.
+    ///
+    /// # Panics
+    /// Never in practice: the metric definitions are static and valid.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let reconciles = IntCounterVec::new(
+            Opts::new(
+                "forkscope_operator_reconciles_total",
+                "Reconciles of ProfileRequests, by result (ok, error).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let reconcile_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "forkscope_operator_reconcile_duration_seconds",
+                "Time one reconcile of a ProfileRequest took.",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &[],
+        )
+        .expect("valid metric");
+        let requests = IntGaugeVec::new(
+            Opts::new(
+                "forkscope_operator_requests",
+                "ProfileRequests known to the operator, by phase.",
+            ),
+            &["phase"],
+        )
+        .expect("valid metric");
+        let sidecar_calls = IntCounterVec::new(
+            Opts::new(
+                "forkscope_operator_sidecar_calls_total",
+                "Calls to sidecars, by call (start, get, list, cancel) and result (ok, busy, not_found, unreachable, rejected, failed).",
+            ),
+            &["call", "result"],
+        )
+        .expect("valid metric");
+        let sidecar_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "forkscope_operator_sidecar_call_duration_seconds",
+                "Latency of calls to sidecars, by call.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["call"],
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(reconcile_seconds.clone()),
+            Box::new(requests.clone()),
+            Box::new(sidecar_calls.clone()),
+            Box::new(sidecar_seconds.clone()),
+        ] {
+            registry.register(c).expect("unique metric names");
+        }
+        for phase in PHASES {
+            requests.with_label_values(&[phase]).set(0);
+        }
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                reconciles,
+                reconcile_seconds,
+                requests,
+                sidecar_calls,
+                sidecar_seconds,
+            }),
+        }
+    }
+
+    /// Counts one reconcile and its duration.
+    pub fn reconciled(&self, ok: bool, took: Duration) {
+        let result = if ok { "ok" } else { "error" };
+        self.inner.reconciles.with_label_values(&[result]).inc();
+        self.inner
+            .reconcile_seconds
+            .with_label_values(&[] as &[&str])
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts one sidecar call.
+    pub fn sidecar_call(&self, call: &str, result: &str, took: Duration) {
+        self.inner
+            .sidecar_calls
+            .with_label_values(&[call, result])
+            .inc();
+        self.inner
+            .sidecar_seconds
+            .with_label_values(&[call])
+            .observe(took.as_secs_f64());
+    }
+
+    /// Sets the number of requests per phase (every phase, zeros included).
+    pub fn set_requests(&self, counts: &[(&str, i64)]) {
+        for phase in PHASES {
+            let n = counts.iter().find(|(p, _)| *p == phase).map_or(0, |c| c.1);
+            self.inner.requests.with_label_values(&[phase]).set(n);
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for these metric types.
+        let _ = TextEncoder::new().encode(&self.inner.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
