@@ -63,13 +63,12 @@ pub async fn client() -> Result<Client> {
     Ok(Client::try_from(admin_config().await?)?)
 }
 
-/// A client authenticated as the ServiceAccount `NAMESPACE/NAME` (created when missing) with a
-/// short-lived token from the TokenRequest API, so tests can prove what an RBAC Role allows
-/// (e.g. the operator's) instead of running everything as cluster-admin.
+/// A short-lived token (1 h) of the ServiceAccount `NAMESPACE/NAME`, created when missing, from
+/// the TokenRequest API, for the apiserver's audience.
 ///
 /// # Errors
 /// The apiserver's error.
-pub async fn service_account_client(admin: &Client, namespace: &str, name: &str) -> Result<Client> {
+pub async fn service_account_token(admin: &Client, namespace: &str, name: &str) -> Result<String> {
     let accounts = Api::<ServiceAccount>::namespaced(admin.clone(), namespace);
     if accounts.get_opt(name).await?.is_none() {
         let account = ServiceAccount {
@@ -88,16 +87,57 @@ pub async fn service_account_client(admin: &Client, namespace: &str, name: &str)
         },
         ..TokenRequest::default()
     };
-    let token = accounts
+    Ok(accounts
         .create_token_request(name, &PostParams::default(), &request)
         .await?
         .status
         .map(|status| status.token)
-        .unwrap_or_default();
+        .unwrap_or_default())
+}
+
+/// A client authenticated as the ServiceAccount `NAMESPACE/NAME` (see
+/// [`service_account_token`]), so tests can prove what an RBAC Role allows (e.g. the
+/// operator's) instead of running everything as cluster-admin.
+///
+/// # Errors
+/// The apiserver's error.
+pub async fn service_account_client(admin: &Client, namespace: &str, name: &str) -> Result<Client> {
+    let token = service_account_token(admin, namespace, name).await?;
     let mut config = admin_config().await?;
     config.auth_info = serde_json::from_value(serde_json::json!({ "token": token }))
         .expect("an AuthInfo holding only a token deserializes");
     Ok(Client::try_from(config)?)
+}
+
+/// Writes a kubeconfig for the ServiceAccount `NAMESPACE/NAME` (the control plane's server and
+/// CA, the account's token) to `path`, for a program under test that should run with exactly
+/// that account's rights.
+///
+/// # Errors
+/// The apiserver's error, or an unreadable admin kubeconfig.
+pub async fn service_account_kubeconfig(
+    admin: &Client,
+    namespace: &str,
+    name: &str,
+    path: &std::path::Path,
+) -> Result<()> {
+    let token = service_account_token(admin, namespace, name).await?;
+    let admin_path = kubeconfig_path()?;
+    let mut kubeconfig =
+        Kubeconfig::read_from(&admin_path).map_err(|source| Error::Kubeconfig {
+            path: admin_path.clone(),
+            source,
+        })?;
+    for user in &mut kubeconfig.auth_infos {
+        user.auth_info = serde_json::from_value(serde_json::json!({ "token": token }))
+            .expect("an AuthInfo holding only a token deserializes");
+    }
+    let text = serde_yaml::to_string(&kubeconfig).expect("a kubeconfig serializes");
+    std::fs::write(path, text).map_err(|source| Error::Spawn {
+        program: format!("write {}", path.display()),
+        source,
+    })?;
+    Ok(())
 }
 
 /// The `kubectl` the control-plane script chose (`FORKSCOPE_KUBECTL`), else the one on `PATH`.

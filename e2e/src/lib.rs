@@ -16,10 +16,13 @@
 //! - [`crds`]: install the `ProfileRequest` CRD and wait until it is Established.
 //! - [`kubelet`]: the kubelet harness: test pods that "run" on 127.0.0.N where real processes
 //!   listen, because there is no kubelet.
+//! - [`fleet`]: real application pods (forkscope-server + sidecar in their own PID namespace)
+//!   on the harness, and the real operator binary.
 //! - [`wait`]: polling with a deadline (never a fixed sleep).
 
 pub mod cluster;
 pub mod crds;
+pub mod fleet;
 pub mod kubelet;
 pub mod wait;
 

@@ -388,7 +388,7 @@ pub struct LeaderActionResult {
 /// Every error the API answers, with a machine-readable `code` and a human `reason`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ErrorBody {
-    /// Stable identifier: `unauthorized`, `not_found`, `conflict`, `invalid_request`,
+    /// Stable identifier: `unauthorized`, `forbidden`, `not_found`, `conflict`, `invalid_request`,
     /// `payload_too_large`, `not_a_worker`, `unprocessable`, `internal`, `timeout`.
     pub code: String,
     /// What went wrong, for people.

@@ -12,6 +12,9 @@ pub enum ApiError {
     /// Missing or wrong bearer token (401).
     #[error("missing or invalid bearer token")]
     Unauthorized,
+    /// A valid token of a caller that is not allowed (403).
+    #[error("{0}")]
+    Forbidden(String),
     /// No such session, leader or route (404).
     #[error("{0}")]
     NotFound(String),
@@ -49,6 +52,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
@@ -65,6 +69,7 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::Unauthorized => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict { .. } => "conflict",
             ApiError::InvalidRequest(_) => "invalid_request",

@@ -6,8 +6,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use forkscope_sidecar::auth::AuthConfig;
+use forkscope_sidecar::auth::kubernetes::ApiServerKeys;
 use forkscope_sidecar::sessions::SessionLimits;
 use forkscope_sidecar::{AppState, Config};
+use std::sync::Arc;
 
 /// The forkscope sidecar: per-worker memory, profile sessions and leader management for the
 /// pre-fork servers in this pod (docs/SIDECAR.md).
@@ -20,9 +23,30 @@ struct Cli {
     /// Runtime directory shared with forkscope-server.
     #[arg(long, env = "FORKSCOPE_RUNTIME_DIR", default_value = forkscope_protocol::DEFAULT_RUNTIME_DIR)]
     runtime_dir: PathBuf,
-    /// File holding the bearer token of the /v1 API (a mounted Secret); never logged.
+    /// How callers of the /v1 API authenticate: `static` (the token in --token-file) or
+    /// `kubernetes` (ServiceAccount tokens of an allowed caller, verified against the cluster).
+    /// Defaults to static when --token-file is given, else kubernetes.
+    #[arg(long, value_enum, env = "FORKSCOPE_SIDECAR_AUTH")]
+    auth: Option<AuthMode>,
+    /// Static mode: the file holding the bearer token (a mounted Secret); never logged.
     #[arg(long, env = "FORKSCOPE_SIDECAR_TOKEN_FILE")]
-    token_file: PathBuf,
+    token_file: Option<PathBuf>,
+    /// Kubernetes mode: a caller allowed to use the API, as its token's subject
+    /// (`system:serviceaccount:NAMESPACE:NAME`); repeat or separate with commas.
+    #[arg(
+        long = "allowed-caller",
+        env = "FORKSCOPE_SIDECAR_ALLOWED_CALLERS",
+        value_delimiter = ',',
+        default_value = "system:serviceaccount:forkscope:forkscope-operator"
+    )]
+    allowed_callers: Vec<String>,
+    /// Kubernetes mode: the audience tokens must be issued for.
+    #[arg(
+        long,
+        env = "FORKSCOPE_SIDECAR_AUDIENCE",
+        default_value = "forkscope-sidecar"
+    )]
+    audience: String,
     /// Root of the proc file system.
     #[arg(long, env = "FORKSCOPE_PROC_ROOT", default_value = "/proc")]
     proc_root: PathBuf,
@@ -42,6 +66,39 @@ struct Cli {
     /// Seconds finished sessions are kept.
     #[arg(long, env = "FORKSCOPE_SIDECAR_RETENTION", default_value_t = 3600.0)]
     retention: f64,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum AuthMode {
+    Static,
+    Kubernetes,
+}
+
+async fn auth_config(cli: &Cli) -> anyhow::Result<AuthConfig> {
+    let mode = cli.auth.unwrap_or(if cli.token_file.is_some() {
+        AuthMode::Static
+    } else {
+        AuthMode::Kubernetes
+    });
+    Ok(match mode {
+        AuthMode::Static => AuthConfig::Static(
+            cli.token_file
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("--auth static needs --token-file"))?,
+        ),
+        AuthMode::Kubernetes => {
+            let client = kube::Client::try_default().await.map_err(|e| {
+                anyhow::anyhow!(
+                    "--auth kubernetes needs the cluster (in-cluster config or KUBECONFIG): {e}"
+                )
+            })?;
+            AuthConfig::Kubernetes {
+                audience: cli.audience.clone(),
+                allowed: cli.allowed_callers.clone(),
+                keys: Arc::new(ApiServerKeys::new(client)),
+            }
+        }
+    })
 }
 
 fn seconds(name: &str, v: f64) -> anyhow::Result<Duration> {
@@ -67,10 +124,11 @@ async fn shutdown_signal() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let auth = auth_config(&cli).await?;
     let config = Config {
         proc_root: cli.proc_root,
         runtime_dir: cli.runtime_dir,
-        token_file: cli.token_file,
+        auth,
         limits: SessionLimits {
             result_timeout: seconds("result-timeout", cli.result_timeout)?,
             default_trace_timeout: seconds("trace-timeout", cli.trace_timeout)?,
@@ -87,6 +145,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing::info!(
         runtime_dir = %config.runtime_dir.display(),
         proc_root = %config.proc_root.display(),
+        auth = ?config.auth,
         "listening on {addr}"
     );
     forkscope_sidecar::serve(listener, state, shutdown_signal()).await?;

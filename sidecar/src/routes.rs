@@ -251,7 +251,7 @@ mod tests {
         let config = crate::Config {
             proc_root: root.to_owned(),
             runtime_dir: dir.path().to_owned(),
-            token_file: token,
+            auth: crate::auth::AuthConfig::Static(token),
             limits: SessionLimits::default(),
         };
         (AppState::new(&config).expect("state"), dir)

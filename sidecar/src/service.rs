@@ -19,8 +19,8 @@ pub struct Config {
     pub proc_root: PathBuf,
     /// The runtime directory shared with the server.
     pub runtime_dir: PathBuf,
-    /// The file holding the bearer token.
-    pub token_file: PathBuf,
+    /// How callers authenticate.
+    pub auth: auth::AuthConfig,
     /// Session tunables.
     pub limits: SessionLimits,
 }
@@ -37,7 +37,7 @@ pub struct AppState {
     /// Prometheus registry and counters.
     pub metrics: Arc<metrics::Metrics>,
     /// The bearer-token check.
-    pub token: Arc<auth::TokenCheck>,
+    pub token: Arc<auth::Auth>,
     /// Serializes worker-count changes.
     pub scale_lock: routes::ScaleLock,
 }
@@ -49,7 +49,7 @@ impl AppState {
     /// # Errors
     /// When the token file is unreadable or empty.
     pub fn new(config: &Config) -> Result<Self, auth::TokenError> {
-        let token = Arc::new(auth::TokenCheck::from_file(&config.token_file)?);
+        let token = Arc::new(auth::Auth::new(&config.auth)?);
         let source = ProcSource::new(&config.proc_root);
         let runtime = RuntimeDir::new(&config.runtime_dir);
         let metrics = Arc::new(metrics::Metrics::new(source.clone()));

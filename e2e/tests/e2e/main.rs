@@ -9,6 +9,7 @@
 
 mod crd;
 mod kubelet_harness;
+mod operator;
 mod rbac;
 mod toolchain;
 

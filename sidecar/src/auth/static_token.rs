@@ -1,20 +1,14 @@
-//! The bearer-token check of every `/v1/` call. The token comes from a file (a mounted
-//! Kubernetes Secret), is re-read when the file changes (Secret rotation), is compared in
-//! constant time through SHA-256 digests (so neither content nor length leaks through timing),
-//! and is never logged.
+//! Static mode: the token comes from a file (a mounted Kubernetes Secret), is re-read when the
+//! file changes (Secret rotation), is compared in constant time through SHA-256 digests (so
+//! neither content nor length leaks through timing), and is never logged. A file that becomes
+//! empty or disappears revokes the token: nothing is accepted until it is back.
 
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 use std::time::SystemTime;
 
-use axum::extract::{Request, State};
-use axum::http::header::AUTHORIZATION;
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-
-use crate::error::ApiError;
 
 /// Why the token file cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +28,8 @@ pub enum TokenError {
 
 struct Loaded {
     modified: Option<SystemTime>,
-    digest: [u8; 32],
+    /// `None` once the file became unusable: every token is refused.
+    digest: Option<[u8; 32]>,
 }
 
 /// The expected token, as a digest, kept fresh from its file.
@@ -60,7 +55,7 @@ fn load(path: &Path) -> Result<Loaded, TokenError> {
     }
     Ok(Loaded {
         modified,
-        digest: digest(token),
+        digest: Some(digest(token)),
     })
 }
 
@@ -78,8 +73,8 @@ impl TokenCheck {
         })
     }
 
-    /// Re-reads the file when its modification time changed; keeps the old token when the new
-    /// file is unreadable or empty (a Secret update in progress).
+    /// Re-reads the file when it changed or vanished. A Secret update swaps the file atomically
+    /// (a symlink flip), so an empty or missing file is a revocation, not a transient state.
     fn refresh(&self) {
         let modified = std::fs::metadata(&self.path)
             .ok()
@@ -87,13 +82,18 @@ impl TokenCheck {
         let stale = self
             .loaded
             .read()
-            .map(|l| l.modified != modified)
+            .map(|l| l.modified != modified || modified.is_none())
             .unwrap_or(true);
-        if stale
-            && let Ok(new) = load(&self.path)
-            && let Ok(mut l) = self.loaded.write()
-        {
-            *l = new;
+        if !stale {
+            return;
+        }
+        let new = load(&self.path).unwrap_or(Loaded {
+            modified,
+            digest: None,
+        });
+        match self.loaded.write() {
+            Ok(mut l) => *l = new,
+            Err(e) => *e.into_inner() = new,
         }
     }
 
@@ -104,30 +104,23 @@ impl TokenCheck {
             Ok(l) => l.digest,
             Err(e) => e.into_inner().digest,
         };
-        bool::from(digest(presented).ct_eq(&want))
-    }
-}
-
-/// Middleware: lets a request through only with `Authorization: Bearer <token>`.
-pub async fn require_token(
-    State(check): State<std::sync::Arc<TokenCheck>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let presented = request
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-        .map(<[u8]>::trim_ascii);
-    match presented {
-        Some(token) if !token.is_empty() && check.matches(token) => next.run(request).await,
-        _ => ApiError::Unauthorized.into_response(),
+        want.is_some_and(|want| bool::from(digest(presented).ct_eq(&want)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Moves the file's modification time ahead, as a Secret update would change it.
+    fn touch_later(path: &Path) {
+        let later = SystemTime::now() + std::time::Duration::from_secs(5);
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .and_then(|f| f.set_modified(later))
+            .expect("touch");
+    }
 
     #[test]
     fn matches_only_the_token_and_follows_rotation() {
@@ -141,14 +134,32 @@ mod tests {
         assert!(!check.matches(b""));
         // A rotated Secret: new content and a new modification time.
         std::fs::write(&path, "rotated").expect("write");
-        let later = SystemTime::now() + std::time::Duration::from_secs(5);
-        std::fs::File::options()
-            .write(true)
-            .open(&path)
-            .and_then(|f| f.set_modified(later))
-            .expect("touch");
+        touch_later(&path);
         assert!(check.matches(b"rotated"));
         assert!(!check.matches(b"s3cret"));
+    }
+
+    #[test]
+    fn emptying_or_deleting_the_file_revokes_the_token() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("token");
+        std::fs::write(&path, "s3cret").expect("write");
+        let check = TokenCheck::from_file(&path).expect("load");
+        assert!(check.matches(b"s3cret"));
+        std::fs::write(&path, "").expect("empty it");
+        touch_later(&path);
+        assert!(
+            !check.matches(b"s3cret"),
+            "an emptied file revokes the token"
+        );
+        assert!(!check.matches(b""));
+        std::fs::write(&path, "s3cret").expect("restore");
+        assert!(check.matches(b"s3cret"), "a restored file is used again");
+        std::fs::remove_file(&path).expect("delete");
+        assert!(
+            !check.matches(b"s3cret"),
+            "a deleted file revokes the token"
+        );
     }
 
     #[test]
