@@ -514,6 +514,21 @@ mod tests {
         assert_eq!(columns, ["Phase", "Pods", "Top site", "Kind", "Age"]);
     }
 
+    /// The CRD accepts exactly what the sidecar's API accepts, so a valid request can never be
+    /// refused by a sidecar for its size (both take the bounds from `forkscope_protocol`).
+    #[test]
+    fn crd_bounds_equal_the_sidecars() {
+        let crd = serde_json::to_value(ProfileRequest::crd()).expect("serializes");
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+        let number = |v: &serde_json::Value| v.as_f64().expect("a number");
+        assert_eq!(number(&spec["top"]["maximum"]), f64::from(MAX_TOP));
+        assert_eq!(number(&spec["frames"]["maximum"]), f64::from(MAX_FRAMES));
+        let workers = &spec["workers"]["properties"];
+        let max_workers = f64::from(MAX_TARGET_WORKERS);
+        assert_eq!(number(&workers["topByPss"]["maximum"]), max_workers);
+        assert_eq!(number(&workers["slots"]["maxItems"]), max_workers);
+    }
+
     #[test]
     fn a_minimal_spec_gets_the_documented_defaults() {
         let spec: ProfileRequestSpec = serde_json::from_value(

@@ -409,13 +409,21 @@ async fn failure_drills() -> anyhow::Result<()> {
             "--identity",
             identity,
             "--lease-seconds",
-            "4",
+            "6",
             "--busy-wait",
             "3",
         ]
     };
+    // Two replicas, as the chart runs them: one leads through the Lease, one stands by.
     let op = Operator::start(&ns, &kubeconfig, log.clone(), &op_args("op-1")).await?;
     let api: Api<ProfileRequest> = Api::namespaced(admin.clone(), &ns);
+    let standby = Operator::start(
+        &ns,
+        &kubeconfig,
+        dir.path().join("standby.log"),
+        &op_args("op-2"),
+    )
+    .await?;
 
     // A sidecar that is down fails its pod, and only its pod.
     pods[2].kill().await;
@@ -474,9 +482,17 @@ async fn failure_drills() -> anyhow::Result<()> {
         .collect();
     ensure!(busy.len() == 2, "both live pods are busy: {status:#?}");
 
-    // The operator dies mid-run; its successor finishes "long" with the same sessions.
+    // The standby never reconciled while the leader lived.
+    let standby_metrics = standby.metrics().await?;
+    ensure!(
+        !standby_metrics.contains("forkscope_operator_reconciles_total{"),
+        "the standby reconciled:\n{standby_metrics}\n{}",
+        standby.log()
+    );
+    // The leader dies mid-run; the standby takes the Lease over and finishes "long" with the
+    // same sessions.
     op.kill().await;
-    let op = Operator::start(&ns, &kubeconfig, log.clone(), &op_args("op-2")).await?;
+    let op = standby;
     let pr = wait_phase(&api, "long", finished)
         .await
         .with_context(|| context(&pods, &op))?;
