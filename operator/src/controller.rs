@@ -257,7 +257,12 @@ async fn apply<S: Sidecars>(
     if status.phase.is_some_and(|p| p.is_finished()) {
         fit_status(&pr, &ctx.client, &mut status).await?;
     }
-    write_status(api, &name, &status).await?;
+    // Only changes are written: a poll that found nothing new costs no write (and no watch
+    // event that would wake this reconcile again).
+    if pr.status.as_ref() != Some(&status) {
+        write_status(api, &name, &status).await?;
+        ctx.metrics.status_written();
+    }
     let reference = pr.object_ref(&());
     for note in &step.notes {
         let event = Event {

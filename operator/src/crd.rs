@@ -471,21 +471,26 @@ pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
 mod tests {
     use super::*;
 
-    /// Path of the committed CRD, relative to this crate.
-    const COMMITTED: &str = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../crds/profilerequests.forkscope.dev.yaml"
-    );
+    /// The committed copies of the CRD, relative to the repository: the one `kubectl apply`
+    /// uses, and the Helm chart's (Helm installs a chart's `crds/` before anything else).
+    const COMMITTED: [&str; 2] = [
+        "crds/profilerequests.forkscope.dev.yaml",
+        "charts/forkscope/crds/profilerequests.forkscope.dev.yaml",
+    ];
 
     #[test]
     fn committed_crd_is_current() {
         let generated = crd_yaml().expect("the CRD serializes");
-        let committed = std::fs::read_to_string(COMMITTED).unwrap_or_default();
-        assert!(
-            committed == generated,
-            "crds/profilerequests.forkscope.dev.yaml is stale; regenerate it with\n  \
-             cargo run -q -p forkscope-operator -- crd > crds/profilerequests.forkscope.dev.yaml"
-        );
+        for file in COMMITTED {
+            let path = format!("{}/../{file}", env!("CARGO_MANIFEST_DIR"));
+            let committed = std::fs::read_to_string(path).unwrap_or_default();
+            assert!(
+                committed == generated,
+                "{file} is stale; regenerate it with\n  \
+                 cargo run -q -p forkscope-operator -- crd | tee {} >/dev/null",
+                COMMITTED.join(" ")
+            );
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ struct Inner {
     reconciles: IntCounterVec,
     reconcile_seconds: HistogramVec,
     requests: IntGaugeVec,
+    status_writes: prometheus::IntCounter,
     sidecar_calls: IntCounterVec,
     sidecar_seconds: HistogramVec,
 }
@@ -65,6 +66,11 @@ impl Metrics {
             &["phase"],
         )
         .expect("valid metric");
+        let status_writes = prometheus::IntCounter::new(
+            "forkscope_operator_status_writes_total",
+            "Status writes to ProfileRequests.",
+        )
+        .expect("valid metric");
         let sidecar_calls = IntCounterVec::new(
             Opts::new(
                 "forkscope_operator_sidecar_calls_total",
@@ -88,6 +94,7 @@ impl Metrics {
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reconcile_seconds.clone()),
             Box::new(requests.clone()),
+            Box::new(status_writes.clone()),
             Box::new(sidecar_calls.clone()),
             Box::new(sidecar_seconds.clone()),
         ] {
@@ -102,6 +109,7 @@ impl Metrics {
                 reconciles,
                 reconcile_seconds,
                 requests,
+                status_writes,
                 sidecar_calls,
                 sidecar_seconds,
             }),
@@ -116,6 +124,11 @@ impl Metrics {
             .reconcile_seconds
             .with_label_values(&[] as &[&str])
             .observe(took.as_secs_f64());
+    }
+
+    /// Counts one status write.
+    pub fn status_written(&self) {
+        self.inner.status_writes.inc();
     }
 
     /// Counts one sidecar call.

@@ -7,6 +7,7 @@
 //!
 //! Without it every test here fails with a message saying so.
 
+mod chart;
 mod crd;
 mod kubelet_harness;
 mod operator;

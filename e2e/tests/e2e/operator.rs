@@ -181,9 +181,32 @@ async fn kubectl_apply_profiles_a_fleet_under_the_operators_own_rbac() -> anyhow
     let ns = cluster::test_namespace(&admin, "operator-flow").await?;
     let dir = tempfile::tempdir()?;
 
-    // The operator's RBAC from the repository, in this namespace.
-    let rbac = std::fs::read_to_string(cluster::repo_path("deploy/operator-rbac.yaml"))?
-        .replace("namespace: forkscope", &format!("namespace: {ns}"));
+    // The operator's ServiceAccount and RBAC exactly as the Helm chart renders them for a
+    // release in this namespace.
+    let helm = std::env::var_os("FORKSCOPE_HELM")
+        .context("FORKSCOPE_HELM: run through e2e/with-controlplane")?;
+    let chart = cluster::repo_path("charts/forkscope");
+    let rendered = cluster::run_tool(
+        &helm,
+        [
+            "template".as_ref(),
+            "forkscope".as_ref(),
+            chart.as_os_str(),
+            "--namespace".as_ref(),
+            ns.as_ref(),
+            "--show-only".as_ref(),
+            "templates/serviceaccount.yaml".as_ref(),
+            "--show-only".as_ref(),
+            "templates/rbac.yaml".as_ref(),
+        ] as [&std::ffi::OsStr; 9],
+    )
+    .await?;
+    ensure!(
+        rendered.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    let rbac = String::from_utf8(rendered.stdout)?;
     let rbac_file = dir.path().join("rbac.yaml");
     std::fs::write(&rbac_file, rbac)?;
     kubectl_ok(&["apply", "-f", &rbac_file.display().to_string()]).await?;
