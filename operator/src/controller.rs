@@ -395,47 +395,76 @@ fn size(status: &ProfileRequestStatus) -> usize {
     serde_json::to_vec(status).map_or(usize::MAX, |v| v.len())
 }
 
+/// The largest result text put in a ConfigMap (whose limit is 1 MiB, metadata included).
+pub const CONFIG_MAP_BUDGET_BYTES: usize = 900 * 1024;
+
+/// When `status` exceeds [`STATUS_BUDGET_BYTES`], returns the full result as JSON (pods and
+/// ranked lists; the lists cut to fit [`CONFIG_MAP_BUDGET_BYTES`], never the per-pod outcomes)
+/// and trims the status to fit: fewer top entries, then no per-worker detail.
+pub fn split_large_result(status: &mut ProfileRequestStatus) -> Option<String> {
+    if size(status) <= STATUS_BUDGET_BYTES {
+        return None;
+    }
+    let full = |keep: usize| {
+        let mut doc = serde_json::json!({
+            "pods": status.pods,
+            "topSites": status.top_sites.iter().take(keep).collect::<Vec<_>>(),
+            "topStacks": status.top_stacks.iter().take(keep).collect::<Vec<_>>(),
+        });
+        if keep < status.top_sites.len().max(status.top_stacks.len()) {
+            doc["truncatedTo"] = keep.into();
+        }
+        serde_json::to_string(&doc).unwrap_or_default()
+    };
+    let mut keep = status.top_sites.len().max(status.top_stacks.len());
+    let mut text = full(keep);
+    while text.len() > CONFIG_MAP_BUDGET_BYTES && keep > 1 {
+        keep /= 2;
+        text = full(keep);
+    }
+    while size(status) > STATUS_BUDGET_BYTES
+        && (status.top_sites.len() > 1 || status.top_stacks.len() > 1)
+    {
+        let half_sites = status.top_sites.len().div_ceil(2);
+        let half_stacks = status.top_stacks.len().div_ceil(2);
+        status.top_sites.truncate(half_sites);
+        status.top_stacks.truncate(half_stacks);
+    }
+    if size(status) > STATUS_BUDGET_BYTES {
+        // Thousands of pods: the per-worker detail stays in the ConfigMap only.
+        for pod in &mut status.pods {
+            pod.workers.clear();
+        }
+    }
+    Some(text)
+}
+
 /// Keeps the status within [`STATUS_BUDGET_BYTES`]: when the full result is larger, it goes to a
-/// ConfigMap owned by the request (garbage-collected with it) and the status keeps as many top
-/// entries as fit.
+/// ConfigMap owned by the request (garbage-collected with it), named in the status.
 async fn fit_status(
     pr: &ProfileRequest,
     client: &Client,
     status: &mut ProfileRequestStatus,
 ) -> Result<(), Error> {
-    if size(status) <= STATUS_BUDGET_BYTES {
+    let Some(text) = split_large_result(status) else {
         return Ok(());
-    }
+    };
     let ns = pr.namespace().unwrap_or_default();
     let name = format!("{}-result", truncate_name(&pr.name_any(), 246));
-    let full = serde_json::json!({
-        "pods": status.pods,
-        "topSites": status.top_sites,
-        "topStacks": status.top_stacks,
-    });
-    let mut text = serde_json::to_string(&full).unwrap_or_default();
-    // A ConfigMap holds at most 1 MiB: cut the ranked lists, never the per-pod outcomes.
-    let mut keep = status.top_sites.len().max(status.top_stacks.len());
-    while text.len() > 900 * 1024 && keep > 1 {
-        keep /= 2;
-        let cut = serde_json::json!({
-            "pods": status.pods,
-            "topSites": status.top_sites.iter().take(keep).collect::<Vec<_>>(),
-            "topStacks": status.top_stacks.iter().take(keep).collect::<Vec<_>>(),
-            "truncatedTo": keep,
-        });
-        text = serde_json::to_string(&cut).unwrap_or_default();
-    }
     let owner = pr
         .controller_owner_ref(&())
         .ok_or_else(|| Error::Invalid("no owner reference".into()))?;
+    let label = truncate_name(&pr.name_any(), 63);
     let cm = serde_json::json!({
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {
             "name": name,
             "namespace": ns,
-            "labels": {"app.kubernetes.io/managed-by": MANAGER, "forkscope.dev/profilerequest": truncate_name(&pr.name_any(), 63).trim_end_matches(|c: char| !c.is_ascii_alphanumeric())},
+            "labels": {
+                "app.kubernetes.io/managed-by": MANAGER,
+                "forkscope.dev/profilerequest": label.trim_end_matches(|c: char| !c.is_ascii_alphanumeric()),
+            },
             "ownerReferences": [owner],
         },
         "data": {RESULT_KEY: text},
@@ -451,23 +480,71 @@ async fn fit_status(
         name,
         key: RESULT_KEY.to_owned(),
     });
-    while size(status) > STATUS_BUDGET_BYTES
-        && (status.top_sites.len() > 1 || status.top_stacks.len() > 1)
-    {
-        let half_sites = status.top_sites.len().div_ceil(2);
-        let half_stacks = status.top_stacks.len().div_ceil(2);
-        status.top_sites.truncate(half_sites);
-        status.top_stacks.truncate(half_stacks);
-    }
-    if size(status) > STATUS_BUDGET_BYTES {
-        // Thousands of pods: the per-worker detail stays in the ConfigMap only.
-        for pod in &mut status.pods {
-            pod.workers.clear();
-        }
-    }
     Ok(())
 }
 
 fn truncate_name(name: &str, max: usize) -> String {
     name.chars().take(max).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{PodOutcome, SiteSummary, WorkerOutcome};
+
+    fn site(i: usize) -> SiteSummary {
+        SiteSummary {
+            site: format!("/srv/app/module_{i}/views.py:{i}"),
+            traceback: vec![format!("/srv/app/module_{i}/urls.py:{i}"); 3],
+            size_diff_bytes: 1_000_000 - i as i64,
+            count_diff: 10,
+            workers: 8,
+            pods: 100,
+            max_worker_size_diff_bytes: 1000,
+        }
+    }
+
+    #[test]
+    fn a_small_result_stays_in_the_status() {
+        let mut status = ProfileRequestStatus {
+            top_sites: (0..20).map(site).collect(),
+            ..ProfileRequestStatus::default()
+        };
+        let before = status.clone();
+        assert_eq!(split_large_result(&mut status), None);
+        assert_eq!(status, before);
+    }
+
+    #[test]
+    fn a_large_result_moves_to_the_config_map_and_the_status_keeps_the_top() {
+        let pods: Vec<PodOutcome> = (0..100)
+            .map(|p| PodOutcome {
+                name: format!("web-{p}"),
+                workers: (0..8)
+                    .map(|slot| WorkerOutcome {
+                        slot,
+                        pss_after_bytes: Some(1),
+                        ..WorkerOutcome::default()
+                    })
+                    .collect(),
+                ..PodOutcome::default()
+            })
+            .collect();
+        let mut status = ProfileRequestStatus {
+            top_sites: (0..5000).map(site).collect(),
+            pods,
+            ..ProfileRequestStatus::default()
+        };
+        let full = split_large_result(&mut status).expect("spilled");
+        assert!(size(&status) <= STATUS_BUDGET_BYTES, "{}", size(&status));
+        assert!(full.len() <= CONFIG_MAP_BUDGET_BYTES, "{}", full.len());
+        assert_eq!(status.top_sites[0], site(0), "the status keeps the top of the ranking");
+        assert!(status.top_sites.len() > 100, "as many as fit: {}", status.top_sites.len());
+        assert_eq!(status.pods[0].workers.len(), 8, "per-worker detail kept while it fits");
+        let doc: serde_json::Value = serde_json::from_str(&full).expect("JSON");
+        assert_eq!(doc["pods"].as_array().map(Vec::len), Some(100));
+        let kept = doc["topSites"].as_array().map_or(0, Vec::len);
+        assert!(kept >= status.top_sites.len(), "the ConfigMap has at least the status' sites");
+        assert_eq!(doc["topSites"][0]["site"], site(0).site);
+    }
 }
