@@ -9,6 +9,7 @@
 
 mod chart;
 mod crd;
+mod dashboard;
 mod kubelet_harness;
 mod operator;
 mod rbac;
