@@ -477,6 +477,8 @@ async fn check_dashboard(
 /// 200 kB in the worker that serves it), so the memory lines move.
 async fn leak_for(pods: &[AppPod], seconds: u64) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    // A slow round of requests delays the next instead of bunching the missed ones.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for _ in 0..seconds * 2 {
         tick.tick().await;
         for pod in pods {
