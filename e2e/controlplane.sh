@@ -18,6 +18,8 @@ set -euo pipefail
 KUBE_VERSION=v1.33.13  # keep in step with e2e/controlplane/kube/go.mod
 ETCD_VERSION=v3.5.21   # keep in step with e2e/controlplane/etcd/go.mod
 HELM_VERSION=v3.22.0
+PROMETHEUS_VERSION=v3.16.0
+PROMETHEUS_MODULE=v0.316.0  # the Go module version of that release (github.com/prometheus/prometheus)
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE=${FORKSCOPE_CACHE:-$HOME/.cache/forkscope}
@@ -29,6 +31,7 @@ die() { log "error: $*"; exit 1; }
 kube_apiserver_bin() { echo "$BIN/kube-apiserver-$KUBE_VERSION"; }
 etcd_bin() { echo "$BIN/etcd-$ETCD_VERSION"; }
 helm_bin() { echo "$BIN/helm-$HELM_VERSION"; }
+prometheus_bin() { echo "$BIN/prometheus-$PROMETHEUS_VERSION"; }
 
 # kubectl: the machine's own when its minor version is within the supported skew (±1) of the
 # apiserver, else one built from the same kubernetes module as the apiserver
@@ -106,20 +109,18 @@ build_helm() {
   rmdir "$gobin"
 }
 
-install_prometheus() {
-  command -v prometheus >/dev/null && { log "prometheus: present ($(command -v prometheus))"; return; }
-  log "prometheus: installing Debian's package ..."
-  local start policy=/usr/sbin/policy-rc.d ours=
-  start=$(date +%s)
-  # Keep the package's service from being started: the tests run their own prometheus.
-  if [[ ! -e $policy ]]; then
-    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && ours=1
-  fi
-  local rc=0
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; } || rc=$?
-  [[ -n $ours ]] && rm -f "$policy"
-  ((rc == 0)) || die "apt-get install prometheus failed ($rc)"
-  log "prometheus: installed in $(($(date +%s) - start))s"
+# Prometheus from its Go module (PROMETHEUS_MODULE is the module version of release
+# PROMETHEUS_VERSION). Debian's package is built without Kubernetes service discovery, which the
+# dashboard test scrapes the sidecars with; only that discovery is compiled in (upstream's
+# build tags), which also keeps the build short.
+build_prometheus() {
+  local out=$1 gobin
+  gobin=$(mktemp -d)
+  GOBIN=$gobin go_env go install -trimpath -tags remove_all_sd,enable_kubernetes_sd \
+    -ldflags "-s -w -X github.com/prometheus/common/version.Version=${PROMETHEUS_VERSION#v}" \
+    "github.com/prometheus/prometheus/cmd/prometheus@$PROMETHEUS_MODULE"
+  mv "$gobin/prometheus" "$out.tmp"
+  rmdir "$gobin"
 }
 
 cmd_build() {
@@ -141,7 +142,7 @@ cmd_build() {
     log "kubectl: using $kubectl"
   fi
   timed_build helm "$(helm_bin)" build_helm "$(helm_bin)"
-  install_prometheus
+  timed_build prometheus "$(prometheus_bin)" build_prometheus "$(prometheus_bin)"
   log "build: done in $(($(date +%s) - total))s"
 }
 
@@ -150,7 +151,7 @@ cmd_paths() {
   echo "export FORKSCOPE_ETCD=$(etcd_bin)"
   echo "export FORKSCOPE_KUBECTL=$(kubectl_bin)"
   echo "export FORKSCOPE_HELM=$(helm_bin)"
-  echo "export FORKSCOPE_PROMETHEUS=$(command -v prometheus || echo prometheus)"
+  echo "export FORKSCOPE_PROMETHEUS=$(prometheus_bin)"
 }
 
 # A free TCP port on 127.0.0.1, chosen by the kernel. The port is released before the server

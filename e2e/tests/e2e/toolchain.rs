@@ -60,6 +60,6 @@ async fn prometheus_is_installed() -> anyhow::Result<()> {
         "prometheus --version: {version:?}"
     );
     let text = String::from_utf8_lossy(&version.stdout);
-    ensure!(text.starts_with("prometheus, version 2."), "{text}");
+    ensure!(text.starts_with("prometheus, version 3."), "{text}");
     Ok(())
 }
