@@ -189,13 +189,15 @@ pub fn repo_path(relative: &str) -> PathBuf {
         .join(relative)
 }
 
-/// Creates a namespace named `e2e-PREFIX-PID-N`, unique within this control plane.
+/// Creates a namespace named `e2e-PREFIX-PID-N`, unique within this control plane, and returns
+/// once its `default` ServiceAccount exists (ServiceAccount admission refuses pods before the
+/// controller manager has made it).
 ///
-/// Namespaces are not deleted: there is no namespace controller to finish a deletion, and the
-/// whole control plane is thrown away after the run.
+/// Namespaces are left behind: the whole cluster is thrown away after the run.
 ///
 /// # Errors
-/// The apiserver's error when the namespace cannot be created.
+/// The apiserver's error when the namespace cannot be created; [`Error::Timeout`] when the
+/// ServiceAccount does not appear.
 pub async fn test_namespace(client: &Client, prefix: &str) -> Result<String> {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
@@ -213,6 +215,13 @@ pub async fn test_namespace(client: &Client, prefix: &str) -> Result<String> {
     Api::<Namespace>::all(client.clone())
         .create(&PostParams::default(), &namespace)
         .await?;
+    let accounts = Api::<ServiceAccount>::namespaced(client.clone(), &name);
+    crate::wait::until(
+        &format!("ServiceAccount {name}/default"),
+        crate::wait::DEFAULT_TIMEOUT,
+        || async { Ok(accounts.get_opt("default").await?.map(|_| ())) },
+    )
+    .await?;
     Ok(name)
 }
 

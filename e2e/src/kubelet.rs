@@ -1,9 +1,15 @@
-//! The kubelet harness: this control plane has no kubelet (and no scheduler), so tests play
-//! kubelet for their pods. A test pod is a real Pod object (no `nodeName`) whose status the
-//! harness patches to what a kubelet would report: phase Running, the Ready conditions, and a
-//! pod IP on the test's own loopback address 127.0.0.N. A real process (forkscope-server +
-//! sidecar, or any listener) binds that address and the pod's container port, so whatever
-//! reads the Pod from the API (the operator) reaches a real process at `podIP:port`.
+//! The kubelet harness: tests that need pods but not containers (CRD, RBAC, the operator's
+//! pod selection) play kubelet for their pods, which is faster than running images on the real
+//! node. A test pod is a real Pod object whose status the harness patches to what a kubelet
+//! would report: phase Running, the Ready conditions, and a pod IP on the test's own loopback
+//! address 127.0.0.N. A real process (forkscope-server + sidecar, or any listener) binds that
+//! address and the pod's container port, so whatever reads the Pod from the API (the operator)
+//! reaches a real process at `podIP:port`.
+//!
+//! The cluster also has a real scheduler and kubelet (`e2e/controlplane.sh`). A harness pod
+//! names a scheduler that does not exist ([`SCHEDULER_NAME`]), so it is never bound to the node
+//! and the real kubelet never touches it (nor does the pod garbage collector, which only
+//! collects pods bound to a node that is gone).
 //!
 //! ```no_run
 //! # async fn demo(client: kube::Client) -> forkscope_e2e::Result<()> {
@@ -30,6 +36,10 @@ use crate::Result;
 
 /// Name of the single container of a test pod.
 pub const CONTAINER: &str = "app";
+
+/// The scheduler a harness pod asks for. No such scheduler runs, so the pod stays unbound and
+/// only the harness reports its status.
+pub const SCHEDULER_NAME: &str = "forkscope-e2e-kubelet-harness";
 
 /// A loopback address 127.0.0.N (N in 2..=254, never 127.0.0.1 where the apiserver listens),
 /// different for each call until the range wraps around. Linux routes all of 127.0.0.0/8 to
@@ -72,7 +82,8 @@ impl TestPod {
         self
     }
 
-    /// The Pod object: no `nodeName` (no scheduler or kubelet would act on it anyway).
+    /// The Pod object: no `nodeName`, and a scheduler that does not exist, so no scheduler or
+    /// kubelet acts on it.
     pub fn to_pod(&self) -> Pod {
         let ports = self
             .ports
@@ -97,6 +108,7 @@ impl TestPod {
                     ports: (!ports.is_empty()).then_some(ports),
                     ..Container::default()
                 }],
+                scheduler_name: Some(SCHEDULER_NAME.to_owned()),
                 ..PodSpec::default()
             }),
             ..Pod::default()
@@ -256,6 +268,7 @@ mod tests {
             .to_pod();
         let spec = pod.spec.as_ref().expect("has a spec");
         assert_eq!(spec.node_name, None);
+        assert_eq!(spec.scheduler_name.as_deref(), Some(SCHEDULER_NAME));
         assert_eq!(named_port(&pod, "forkscope"), Some(9123));
         assert_eq!(named_port(&pod, "http"), None);
         assert!(!is_running_and_ready(&pod));

@@ -1,5 +1,6 @@
-//! Helpers for forkscope's end-to-end tests on a real Kubernetes control plane (etcd +
-//! kube-apiserver built and started by `e2e/controlplane.sh`).
+//! Helpers for forkscope's end-to-end tests on a real single-node Kubernetes cluster (etcd,
+//! kube-apiserver, controller manager, scheduler, kubelet, containerd, kube-proxy, built and
+//! started by `e2e/controlplane.sh`).
 //!
 //! Run the tests through the wrapper, which starts a private control plane and exports
 //! `FORKSCOPE_E2E_KUBECONFIG`:
@@ -15,7 +16,8 @@
 //!   namespaces.
 //! - [`crds`]: install the `ProfileRequest` CRD and wait until it is Established.
 //! - [`kubelet`]: the kubelet harness: test pods that "run" on 127.0.0.N where real processes
-//!   listen, because there is no kubelet.
+//!   listen, for tests that need pods in the API but no containers.
+//! - [`node`]: pods that really run on the node, from the images `scripts/images` builds.
 //! - [`fleet`]: real application pods (forkscope-server + sidecar in their own PID namespace)
 //!   on the harness, and the real operator binary.
 //! - [`wait`]: polling with a deadline (never a fixed sleep).
@@ -24,6 +26,7 @@ pub mod cluster;
 pub mod crds;
 pub mod fleet;
 pub mod kubelet;
+pub mod node;
 pub mod wait;
 
 /// Why an end-to-end helper failed.
@@ -54,6 +57,12 @@ pub enum Error {
         /// How long.
         after: std::time::Duration,
     },
+    /// A tool (kubectl) ran and failed, or a client could not be made.
+    #[error("{0}")]
+    Tool(String),
+    /// Something the test needs is not there (an image on the node, a pod IP, a port).
+    #[error("missing: {0}")]
+    Missing(String),
     /// `kubectl` could not be run.
     #[error("running {program}: {source}")]
     Spawn {

@@ -12,6 +12,7 @@ mod crd;
 mod dashboard;
 mod kubelet_harness;
 mod operator;
+mod node_app;
 mod rbac;
 mod toolchain;
 

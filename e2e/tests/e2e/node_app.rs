@@ -1,0 +1,329 @@
+//! The example application (`examples/app.yaml`: forkscope-server serving a leaky app with
+//! forkscope-sidecar in the same pod, two replicas) on the real node, and a plain gunicorn pod
+//! with the sidecar. Everything is reached from the host at the pods' own addresses, as
+//! Prometheus and the operator reach them.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, bail, ensure};
+use forkscope_e2e::{cluster, node, wait};
+use forkscope_sidecar::api::{LeaderView, ProcessList, ProfileRequest, ServerKind, SessionState};
+use k8s_openapi::api::core::v1::Pod;
+
+/// The line of `examples/leaky_app.py` that allocates what the app leaks (1-based).
+fn leak_line() -> anyhow::Result<u32> {
+    let source = std::fs::read_to_string(cluster::repo_path("examples/leaky_app.py"))?;
+    let index = source
+        .lines()
+        .position(|l| l.contains("# LEAK"))
+        .context("examples/leaky_app.py marks its leak with `# LEAK`")?;
+    Ok(u32::try_from(index + 1)?)
+}
+
+/// One sample of the Prometheus text format: name, labels, value.
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// Parses the samples of a Prometheus text exposition (label values without escapes, as the
+/// sidecar's are).
+fn samples(text: &str) -> Vec<Sample> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let value = value.parse().ok()?;
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => (name, rest.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            let labels = labels
+                .split("\",")
+                .filter(|p| !p.is_empty())
+                .filter_map(|pair| {
+                    let (k, v) = pair.split_once("=\"")?;
+                    Some((k.to_owned(), v.trim_end_matches('"').to_owned()))
+                })
+                .collect();
+            Some(Sample {
+                name: name.to_owned(),
+                labels,
+                value,
+            })
+        })
+        .collect()
+}
+
+/// The value of the series `name` whose labels include all of `want`.
+fn value(samples: &[Sample], name: &str, want: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| {
+            s.name == name
+                && want
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+}
+
+/// The only leader the sidecar lists, checked to be of `kind` with `workers` workers in slots
+/// 0..workers, every process with its memory read.
+fn only_leader(list: &ProcessList, kind: ServerKind, workers: u32) -> anyhow::Result<&LeaderView> {
+    let [leader] = list.leaders.as_slice() else {
+        bail!("expected one leader: {list:?}");
+    };
+    ensure!(leader.server == kind, "{leader:?}");
+    let mut slots: Vec<u32> = leader.workers.iter().filter_map(|w| w.slot).collect();
+    slots.sort_unstable();
+    ensure!(
+        slots == (0..workers).collect::<Vec<_>>(),
+        "slots {slots:?}: {leader:?}"
+    );
+    for process in std::iter::once(&leader.leader).chain(&leader.workers) {
+        let memory = process.memory.context("memory of every process is read")?;
+        ensure!(
+            memory.pss_bytes > 0 && memory.rss_bytes >= memory.pss_bytes,
+            "{process:?}"
+        );
+    }
+    Ok(leader)
+}
+
+/// Each worker slot has a PSS series with a positive value in the sidecar's /metrics.
+async fn metrics_have_worker_pss(
+    sidecar: &forkscope_sidecar::Client,
+    server: &str,
+    workers: u32,
+) -> anyhow::Result<Vec<Sample>> {
+    let scraped = samples(&sidecar.metrics_text().await?);
+    for slot in 0..workers {
+        let slot = slot.to_string();
+        let labels = [
+            ("server", server),
+            ("role", "worker"),
+            ("slot", slot.as_str()),
+        ];
+        let pss = value(&scraped, "forkscope_process_pss_bytes", &labels)
+            .with_context(|| format!("no PSS series for {labels:?}"))?;
+        ensure!(pss > 0.0, "PSS of slot {slot}: {pss}");
+    }
+    Ok(scraped)
+}
+
+fn pod_name(pod: &Pod) -> anyhow::Result<&str> {
+    pod.metadata.name.as_deref().context("pod name")
+}
+
+#[test]
+fn the_example_configmap_holds_examples_leaky_app_py() -> anyhow::Result<()> {
+    let manifest = std::fs::read_to_string(cluster::repo_path("examples/app.yaml"))?;
+    let source = std::fs::read_to_string(cluster::repo_path("examples/leaky_app.py"))?;
+    let mut found = false;
+    for document in manifest.split("\n---\n") {
+        let value: serde_yaml::Value = serde_yaml::from_str(document)?;
+        if value["kind"] == "ConfigMap" {
+            assert_eq!(
+                value["data"]["leaky_app.py"].as_str(),
+                Some(source.as_str()),
+                "examples/app.yaml's ConfigMap is stale: copy examples/leaky_app.py into it"
+            );
+            found = true;
+        }
+    }
+    ensure!(found, "examples/app.yaml has the app's ConfigMap");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_example_app_runs_in_real_pods_and_its_sidecars_see_the_workers() -> anyhow::Result<()>
+{
+    let client = cluster::client().await?;
+    node::require_images(&client, &[node::SERVER_IMAGE, node::SIDECAR_IMAGE]).await?;
+    let ns = cluster::test_namespace(&client, "app").await?;
+    node::apply(&ns, &cluster::repo_path("examples/app.yaml")).await?;
+    let pods = node::wait_available(&client, &ns, "web", node::POD_TIMEOUT).await?;
+    ensure!(pods.len() == 2, "two replicas: {pods:?}");
+    let node_name = node::name()?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+
+    // Each pod: on the real node, at its own address; its sidecar lists the leader and both
+    // workers with their memory, and /metrics has each worker's PSS.
+    for pod in &pods {
+        let spec = pod.spec.as_ref().context("spec")?;
+        ensure!(
+            spec.node_name.as_deref() == Some(node_name.as_str()),
+            "{spec:?}"
+        );
+        let sidecar = node::sidecar(pod, node::EXAMPLE_TOKEN)?;
+        let list = sidecar.processes().await?;
+        let leader = only_leader(&list, ServerKind::Forkscope, 2)?;
+        ensure!(leader.app == "leaky_app:app", "{leader:?}");
+        metrics_have_worker_pss(&sidecar, "forkscope", 2).await?;
+        // The server answers at the pod's address too (the readiness probe's port).
+        let hello = http.get(node::pod_url(pod, "http")?).send().await?;
+        ensure!(hello.status().is_success(), "{hello:?}");
+    }
+
+    // A heap diff through the first pod's sidecar names the leak line.
+    let (pod, sidecar) = (&pods[0], node::sidecar(&pods[0], node::EXAMPLE_TOKEN)?);
+    let session = sidecar
+        .start_profile(&ProfileRequest::heap_diff(None))
+        .await?;
+    wait::until("the session traces", node::POD_TIMEOUT, || async {
+        let state = sidecar.profile(&session.id).await.map_err(tool)?.state;
+        Ok((state != SessionState::Starting).then_some(()))
+    })
+    .await?;
+    let leak = format!("{}leak?n=20", node::pod_url(pod, "http")?);
+    for _ in 0..10 {
+        let response = http.get(&leak).send().await?;
+        ensure!(response.status().is_success(), "{response:?}");
+    }
+    sidecar.capture(&session.id).await?;
+    let done = sidecar
+        .wait(
+            &session.id,
+            Duration::from_secs(120),
+            Duration::from_millis(200),
+        )
+        .await?;
+    ensure!(done.state == SessionState::Completed, "{done:?}");
+    let summary = done
+        .summary
+        .context("a completed heap diff has a summary")?;
+    let top = summary.sites.first().context("sites")?;
+    let frame = top.traceback.first().context("a traceback")?;
+    ensure!(
+        frame.filename.ends_with("leaky_app.py") && frame.lineno == leak_line()?,
+        "the top site is the leak line {}: {summary:?}",
+        leak_line()?
+    );
+    ensure!(
+        top.size_diff >= 200 * 100_000,
+        "200 leaked 100 kB objects: {top:?}"
+    );
+
+    // `kubectl logs` shows the server's log: its start and the requests.
+    let logs = node::kubectl_ok(["logs", "-n", &ns, pod_name(pod)?, "-c", "app"]).await?;
+    ensure!(logs.contains("Listening at: http://0.0.0.0:8000"), "{logs}");
+    ensure!(logs.contains("GET /leak?n=20"), "{logs}");
+
+    // A worker killed inside the other pod (by the server image's Python, as the pod's user)
+    // is replaced in its slot, and the metrics follow the new process.
+    let (pod, sidecar) = (&pods[1], node::sidecar(&pods[1], node::EXAMPLE_TOKEN)?);
+    let before = sidecar.processes().await?;
+    let victim = only_leader(&before, ServerKind::Forkscope, 2)?
+        .workers
+        .iter()
+        .find(|w| w.slot == Some(1))
+        .context("slot 1")?
+        .pid;
+    let scraped = metrics_have_worker_pss(&sidecar, "forkscope", 2).await?;
+    let victim_label = victim.to_string();
+    ensure!(
+        value(
+            &scraped,
+            "forkscope_process_info",
+            &[("slot", "1"), ("pid", &victim_label)]
+        ) == Some(1.0),
+        "the info series names the worker of slot 1"
+    );
+    let kill = format!("import os, signal; os.kill({victim}, signal.SIGKILL)");
+    node::exec(&ns, pod_name(pod)?, "app", &["python3.11", "-c", &kill]).await?;
+    let replacement = wait::until("slot 1 replaced", node::POD_TIMEOUT, || async {
+        let list = sidecar.processes().await.map_err(tool)?;
+        let Ok(leader) = only_leader(&list, ServerKind::Forkscope, 2) else {
+            return Ok(None);
+        };
+        let worker = leader.workers.iter().find(|w| w.slot == Some(1));
+        Ok(worker.map(|w| w.pid).filter(|pid| *pid != victim))
+    })
+    .await?;
+    let replacement_label = replacement.to_string();
+    wait::until(
+        "metrics follow the new worker of slot 1",
+        node::POD_TIMEOUT,
+        || async {
+            let scraped = samples(&sidecar.metrics_text().await.map_err(tool)?);
+            let info = value(
+                &scraped,
+                "forkscope_process_info",
+                &[("slot", "1"), ("pid", &replacement_label)],
+            );
+            let restarts = value(
+                &scraped,
+                "forkscope_worker_restarts_total",
+                &[("slot", "1")],
+            );
+            let pss = value(
+                &scraped,
+                "forkscope_process_pss_bytes",
+                &[("role", "worker"), ("slot", "1")],
+            );
+            Ok((info == Some(1.0) && restarts >= Some(1.0) && pss > Some(0.0)).then_some(()))
+        },
+    )
+    .await?;
+    // The pod itself lived on: no container restarted.
+    let pod_now = kube::Api::<Pod>::namespaced(client.clone(), &ns)
+        .get(pod_name(pod)?)
+        .await?;
+    let restarts: i32 = pod_now
+        .status
+        .and_then(|s| s.container_statuses)
+        .unwrap_or_default()
+        .iter()
+        .map(|c| c.restart_count)
+        .sum();
+    ensure!(restarts == 0, "no container restarted");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_sidecar_sees_a_plain_gunicorn_pod() -> anyhow::Result<()> {
+    let client = cluster::client().await?;
+    node::require_images(&client, &[node::GUNICORN_IMAGE, node::SIDECAR_IMAGE]).await?;
+    let ns = cluster::test_namespace(&client, "gunicorn").await?;
+    let app = cluster::repo_path("examples/leaky_app.py");
+    let app = format!("--from-file={}", app.display());
+    node::kubectl_ok(["create", "configmap", "web-app", "-n", &ns, &app]).await?;
+    let token = "--from-literal=token=gunicorn-e2e-token";
+    node::kubectl_ok([
+        "create",
+        "secret",
+        "generic",
+        "forkscope-sidecar-token",
+        "-n",
+        &ns,
+        token,
+    ])
+    .await?;
+    node::apply(&ns, &cluster::repo_path("e2e/manifests/gunicorn.yaml")).await?;
+    let pods = node::wait_available(&client, &ns, "gunicorn", node::POD_TIMEOUT).await?;
+    let sidecar = node::sidecar(&pods[0], "gunicorn-e2e-token")?;
+    let list = sidecar.processes().await?;
+    only_leader(&list, ServerKind::Gunicorn, 2)?;
+    metrics_have_worker_pss(&sidecar, "gunicorn", 2).await?;
+    // The workers serve at the pod's address.
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let leak = http
+        .get(format!("{}leak?n=3", node::pod_url(&pods[0], "http")?))
+        .send()
+        .await?;
+    ensure!(leak.status().is_success(), "{leak:?}");
+    Ok(())
+}
+
+/// A sidecar client error as an e2e error, inside `wait::until` probes.
+fn tool(e: forkscope_sidecar::ClientError) -> forkscope_e2e::Error {
+    forkscope_e2e::Error::Tool(format!("sidecar: {e}"))
+}
