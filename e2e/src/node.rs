@@ -11,9 +11,7 @@
 //! use forkscope_e2e::{cluster, node};
 //! let client = cluster::client().await?;
 //! let ns = cluster::test_namespace(&client, "demo").await?;
-//! node::require_images(&client, &[node::SERVER_IMAGE, node::SIDECAR_IMAGE]).await?;
-//! node::apply(&ns, &cluster::repo_path("examples/app.yaml")).await?;
-//! let pods = node::wait_available(&client, &ns, "web", node::POD_TIMEOUT).await?;
+//! let pods = node::run_example_app(&client, &ns).await?; // examples/app.yaml, Ready
 //! let sidecar = node::sidecar(&pods[0], node::EXAMPLE_TOKEN)?;
 //! # Ok(()) }
 //! ```
@@ -256,4 +254,17 @@ pub async fn exec(namespace: &str, pod: &str, container: &str, command: &[&str])
     let mut args = vec!["exec", "-n", namespace, pod, "-c", container, "--"];
     args.extend_from_slice(command);
     kubectl_ok(args).await
+}
+
+/// Runs the example application (`examples/app.yaml`: Deployment `web`, two replicas of
+/// forkscope-server + sidecar, label `app: web`, sidecar port `forkscope`, token
+/// [`EXAMPLE_TOKEN`]) in `namespace` and returns its two pods once they are Ready.
+///
+/// # Errors
+/// [`Error::Missing`] when the images are not on the node; kubectl's or the apiserver's error;
+/// [`Error::Timeout`] when the pods do not become Ready within [`POD_TIMEOUT`].
+pub async fn run_example_app(client: &Client, namespace: &str) -> Result<Vec<Pod>> {
+    require_images(client, &[SERVER_IMAGE, SIDECAR_IMAGE]).await?;
+    apply(namespace, &cluster::repo_path("examples/app.yaml")).await?;
+    wait_available(client, namespace, "web", POD_TIMEOUT).await
 }

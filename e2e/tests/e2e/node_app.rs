@@ -143,10 +143,8 @@ fn the_example_configmap_holds_examples_leaky_app_py() -> anyhow::Result<()> {
 async fn the_example_app_runs_in_real_pods_and_its_sidecars_see_the_workers() -> anyhow::Result<()>
 {
     let client = cluster::client().await?;
-    node::require_images(&client, &[node::SERVER_IMAGE, node::SIDECAR_IMAGE]).await?;
     let ns = cluster::test_namespace(&client, "app").await?;
-    node::apply(&ns, &cluster::repo_path("examples/app.yaml")).await?;
-    let pods = node::wait_available(&client, &ns, "web", node::POD_TIMEOUT).await?;
+    let pods = node::run_example_app(&client, &ns).await?;
     ensure!(pods.len() == 2, "two replicas: {pods:?}");
     let node_name = node::name()?;
     let http = reqwest::Client::builder()
