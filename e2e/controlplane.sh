@@ -53,7 +53,7 @@ SYSCTLS="vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops
 PROCESSES="kube-controller-manager kube-scheduler kube-proxy kubelet containerd kube-apiserver etcd"
 # Debian packages the node needs: command (or file) -> package.
 NODE_PACKAGES="containerd:containerd runc:runc /usr/lib/cni/bridge:containernetworking-plugins
-  buildah:buildah mmdebstrap:mmdebstrap iptables:iptables ip:iproute2 gcc:gcc"
+  buildah:buildah mmdebstrap:mmdebstrap iptables:iptables nft:nftables ip:iproute2 gcc:gcc"
 
 log() { printf 'controlplane: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -505,6 +505,7 @@ save_host_state() {  # DIR
       "$ipt" -t "$table" -S 2>/dev/null | awk -v i="$ipt" -v t="$table" '/^-N /{print i, t, $2}'
     done
   done >"$dir/host/chains"
+  nft list tables 2>/dev/null >"$dir/host/nft-tables" || true
   ls /sys/fs/cgroup/*/kubepods -d 2>/dev/null >"$dir/host/cgroups" || true
   ls /var/run/netns 2>/dev/null >"$dir/host/netns" || true
 }
@@ -521,12 +522,21 @@ remove_new_chains() {  # DIR
       done
       ((${#new[@]})) || continue
       for chain in "${new[@]}"; do
-        "$ipt" -t "$table" -S | grep -E -- "-j $chain( |\$)" | sed 's/^-A /-D /' |
+        { "$ipt" -t "$table" -S | grep -E -- "-j $chain( |\$)" || true; } | sed 's/^-A /-D /' |
           while read -r rule; do eval "$ipt" -t "$table" "$rule" || true; done
       done
       for chain in "${new[@]}"; do "$ipt" -t "$table" -F "$chain" || true; done
       for chain in "${new[@]}"; do "$ipt" -t "$table" -X "$chain" || true; done
     done
+  done
+  # iptables (the nf_tables flavour) also creates the tables themselves: remove those that were
+  # not there before and are empty now (only base chains, no rule).
+  local line family name
+  nft list tables 2>/dev/null | while read -r line; do
+    grep -qxF "$line" "$dir/host/nft-tables" && continue
+    read -r _ family name <<<"$line"
+    nft list table "$family" "$name" | awk '/^\t\t/ && !/^\t\ttype /{rules++} END {exit rules > 0}' &&
+      { nft delete table "$family" "$name" || true; }
   done
 }
 
@@ -696,9 +706,11 @@ cmd_stop() {  # DIR
   dir=$(cd "$dir" && pwd)
   local started
   started=$(date +%s%N)
-  stop_workloads "$dir"
-  stop_processes "$dir"
-  restore_host_state "$dir"
+  # Best effort from here on: a step that fails (its error is printed) does not keep the
+  # others from running.
+  stop_workloads "$dir" || true
+  stop_processes "$dir" || true
+  restore_host_state "$dir" || log "warning: the host may not be fully restored"
   rm -rf "$dir"
   log "stopped in $(ms_since "$started")ms; host state restored, $dir removed"
 }

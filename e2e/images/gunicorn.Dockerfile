@@ -7,4 +7,4 @@ COPY pylib /opt/pylib
 ENV PYTHONPATH=/opt/pylib PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 USER 10001:10001
 WORKDIR /app
-ENTRYPOINT ["python3", "-m", "gunicorn"]
+ENTRYPOINT ["python3.11", "-m", "gunicorn"]

@@ -16,7 +16,7 @@ fn leak_line() -> anyhow::Result<u32> {
     let source = std::fs::read_to_string(cluster::repo_path("examples/leaky_app.py"))?;
     let index = source
         .lines()
-        .position(|l| l.contains("# LEAK"))
+        .position(|l| l.trim_end().ends_with("# LEAK"))
         .context("examples/leaky_app.py marks its leak with `# LEAK`")?;
     Ok(u32::try_from(index + 1)?)
 }
@@ -125,7 +125,7 @@ fn the_example_configmap_holds_examples_leaky_app_py() -> anyhow::Result<()> {
     let source = std::fs::read_to_string(cluster::repo_path("examples/leaky_app.py"))?;
     let mut found = false;
     for document in manifest.split("\n---\n") {
-        let value: serde_yaml::Value = serde_yaml::from_str(document)?;
+        let value: serde_yaml::Value = serde_yaml::from_str(&format!("{document}\n"))?;
         if value["kind"] == "ConfigMap" {
             assert_eq!(
                 value["data"]["leaky_app.py"].as_str(),
