@@ -325,3 +325,41 @@ async fn the_sidecar_sees_a_plain_gunicorn_pod() -> anyhow::Result<()> {
 fn tool(e: forkscope_sidecar::ClientError) -> forkscope_e2e::Error {
     forkscope_e2e::Error::Tool(format!("sidecar: {e}"))
 }
+
+/// What an in-cluster client does: read `KUBERNETES_SERVICE_HOST`/`PORT`, verify the apiserver
+/// against the mounted CA, send the mounted ServiceAccount token. Printed: the HTTP status of
+/// `GET /api/v1/namespaces/NS/pods` (403: the `default` ServiceAccount may not list pods) and
+/// of `GET /version` (200: any authenticated user), and the reported version.
+const IN_CLUSTER_CLIENT: &str = r#"
+import json, os, ssl, sys, urllib.error, urllib.request
+sa = "/var/run/secrets/kubernetes.io/serviceaccount/"
+base = "https://%s:%s" % (os.environ["KUBERNETES_SERVICE_HOST"], os.environ["KUBERNETES_SERVICE_PORT"])
+context = ssl.create_default_context(cafile=sa + "ca.crt")
+token = open(sa + "token").read().strip()
+def get(path):
+    request = urllib.request.Request(base + path, headers={"Authorization": "Bearer " + token})
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=20) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, b""
+pods, _ = get("/api/v1/namespaces/%s/pods" % open(sa + "namespace").read())
+version, body = get("/version")
+print(base, pods, version, json.loads(body)["gitVersion"])
+"#;
+
+#[tokio::test]
+async fn pods_reach_the_apiserver_through_the_kubernetes_service() -> anyhow::Result<()> {
+    let client = cluster::client().await?;
+    let ns = cluster::test_namespace(&client, "incluster").await?;
+    let pods = node::run_example_app(&client, &ns).await?;
+    let out = node::exec(
+        &ns,
+        pod_name(&pods[0])?,
+        "app",
+        &["python3.11", "-c", IN_CLUSTER_CLIENT],
+    )
+    .await?;
+    assert_eq!(out.trim(), "https://10.0.0.1:443 403 200 v1.33.13");
+    Ok(())
+}
