@@ -11,8 +11,8 @@ mod chart;
 mod crd;
 mod dashboard;
 mod kubelet_harness;
-mod operator;
 mod node_app;
+mod operator;
 mod rbac;
 mod toolchain;
 
