@@ -94,6 +94,28 @@ fn only_leader(list: &ProcessList, kind: ServerKind, workers: u32) -> anyhow::Re
     Ok(leader)
 }
 
+/// Polls the sidecar until it lists one leader of `kind` with all `workers` (a pod is Ready
+/// once one worker answers the probe; the other may still be booting).
+async fn wait_for_workers(
+    sidecar: &forkscope_sidecar::Client,
+    kind: ServerKind,
+    workers: u32,
+) -> anyhow::Result<ProcessList> {
+    let what = format!("the sidecar lists a {kind:?} leader with {workers} workers");
+    let last = std::sync::Mutex::new(None);
+    let found = wait::until(&what, node::POD_TIMEOUT, || {
+        let last = &last;
+        async move {
+            let list = sidecar.processes().await.map_err(tool)?;
+            let ok = only_leader(&list, kind, workers).is_ok();
+            *last.lock().expect("not poisoned") = Some(list.clone());
+            Ok(ok.then_some(list))
+        }
+    })
+    .await;
+    found.with_context(|| format!("last seen: {:?}", last.lock().expect("not poisoned")))
+}
+
 /// Each worker slot has a PSS series with a positive value in the sidecar's /metrics.
 async fn metrics_have_worker_pss(
     sidecar: &forkscope_sidecar::Client,
@@ -160,7 +182,7 @@ async fn the_example_app_runs_in_real_pods_and_its_sidecars_see_the_workers() ->
             "{spec:?}"
         );
         let sidecar = node::sidecar(pod, node::EXAMPLE_TOKEN)?;
-        let list = sidecar.processes().await?;
+        let list = wait_for_workers(&sidecar, ServerKind::Forkscope, 2).await?;
         let leader = only_leader(&list, ServerKind::Forkscope, 2)?;
         ensure!(leader.app == "leaky_app:app", "{leader:?}");
         metrics_have_worker_pss(&sidecar, "forkscope", 2).await?;
@@ -306,8 +328,7 @@ async fn the_sidecar_sees_a_plain_gunicorn_pod() -> anyhow::Result<()> {
     node::apply(&ns, &cluster::repo_path("e2e/manifests/gunicorn.yaml")).await?;
     let pods = node::wait_available(&client, &ns, "gunicorn", node::POD_TIMEOUT).await?;
     let sidecar = node::sidecar(&pods[0], "gunicorn-e2e-token")?;
-    let list = sidecar.processes().await?;
-    only_leader(&list, ServerKind::Gunicorn, 2)?;
+    wait_for_workers(&sidecar, ServerKind::Gunicorn, 2).await?;
     metrics_have_worker_pss(&sidecar, "gunicorn", 2).await?;
     // The workers serve at the pod's address.
     let http = reqwest::Client::builder()
