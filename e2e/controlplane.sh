@@ -40,6 +40,7 @@ NODE_IP=10.244.0.1
 POD_CIDR=10.244.0.0/24
 SERVICE_CIDR=10.0.0.0/24
 SERVICE_IP=10.0.0.1   # the `kubernetes` Service: the first address of SERVICE_CIDR
+PULL_PROXY=http://127.0.0.1:9   # the discard port: nothing listens, so every pull is refused
 # One node per machine: the bridge, the kubelet's port and cgroups, and kube-proxy's iptables
 # chains are machine-wide. `start` waits for this lock; etcd holds it until `stop`.
 NODE_LOCK=${FORKSCOPE_E2E_NODE_LOCK:-/run/forkscope-e2e-node.lock}
@@ -437,7 +438,13 @@ start_containerd() {  # DIR
   mkdir -p "$dir/containerd" "$dir/cni/net.d" "$dir/cni/ipam"
   render "$dir" containerd.toml.in "$dir/containerd/config.toml"
   render "$dir" cni.conflist.in "$dir/cni/net.d/10-forkscope-e2e.conflist"
-  spawn "$dir" containerd containerd --config "$dir/containerd/config.toml"
+  # Nothing is ever pulled: the images are local, and a manifest naming any other image (a
+  # chart's default, a typo) must fail on this machine rather than reach a registry. Every
+  # registry request goes to a proxy on a closed loopback port (PULL_PROXY) and is refused
+  # there, before any name is resolved.
+  spawn "$dir" containerd env HTTP_PROXY="$PULL_PROXY" HTTPS_PROXY="$PULL_PROXY" \
+    http_proxy="$PULL_PROXY" https_proxy="$PULL_PROXY" NO_PROXY= no_proxy= \
+    containerd --config "$dir/containerd/config.toml"
   wait_for "$dir" containerd 30 ctr_node "$dir" version
   local images=("$(pause_image)")
   [[ -d $IMAGES ]] && images+=("$IMAGES"/*_*.tar)

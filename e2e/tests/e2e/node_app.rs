@@ -384,3 +384,39 @@ async fn pods_reach_the_apiserver_through_the_kubernetes_service() -> anyhow::Re
     assert_eq!(out.trim(), "https://10.0.0.1:443 403 200 v1.33.13");
     Ok(())
 }
+
+#[tokio::test]
+async fn an_image_that_is_not_on_the_node_is_never_pulled() -> anyhow::Result<()> {
+    // No registry is reachable, and none may be tried: the node's containerd sends every pull
+    // to a closed port on 127.0.0.1 (e2e/controlplane.sh), so the pull fails there.
+    let client = cluster::client().await?;
+    let ns = cluster::test_namespace(&client, "pull").await?;
+    let image = "--image=docker.io/library/busybox:1.36";
+    node::kubectl_ok([
+        "run",
+        "pull",
+        "-n",
+        &ns,
+        image,
+        "--image-pull-policy=Always",
+        "--restart=Never",
+    ])
+    .await?;
+    // The kubelet reports the failed pull as an event with the runtime's error.
+    let events = kube::Api::<k8s_openapi::api::core::v1::Event>::namespaced(client.clone(), &ns);
+    let fields = kube::api::ListParams::default().fields("involvedObject.name=pull");
+    let message = wait::until("the failed pull's event", node::POD_TIMEOUT, || async {
+        let failed = events
+            .list(&fields)
+            .await?
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("Failed"))
+            .filter_map(|e| e.message)
+            .find(|m| m.contains("busybox:1.36"));
+        Ok(failed)
+    })
+    .await?;
+    ensure!(message.contains("127.0.0.1:9"), "{message}");
+    Ok(())
+}
