@@ -141,6 +141,23 @@ fn pod_name(pod: &Pod) -> anyhow::Result<&str> {
     pod.metadata.name.as_deref().context("pod name")
 }
 
+/// Run in a pod's container: one line per forkscope process of the pod, with its user and
+/// confinement from `/proc/PID/status`.
+const PROCESS_STATUS: &str = r#"
+import os
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        argv0 = open("/proc/%s/cmdline" % pid, "rb").read().split(b"\0")[0].decode()
+        fields = dict(l.split(":", 1) for l in open("/proc/%s/status" % pid).read().splitlines())
+    except OSError:
+        continue
+    program = argv0.split("/")[-1].split(":")[0]
+    if program.startswith("forkscope-"):
+        print(program, "uid=%s caps=%s no_new_privs=%s seccomp=%s" % (
+            fields["Uid"].split()[0], fields["CapEff"].strip(), fields["NoNewPrivs"].strip(),
+            fields["Seccomp"].strip()))
+"#;
+
 #[test]
 fn the_example_configmap_holds_examples_leaky_app_py() -> anyhow::Result<()> {
     let manifest = std::fs::read_to_string(cluster::repo_path("examples/app.yaml"))?;
@@ -190,6 +207,32 @@ async fn the_example_app_runs_in_real_pods_and_its_sidecars_see_the_workers() ->
         let hello = http.get(node::pod_url(pod, "http")?).send().await?;
         ensure!(hello.status().is_success(), "{hello:?}");
     }
+
+    // The restricted security context is real: server and sidecar, seen from the server's
+    // container through the shared PID namespace, run as the pod's user with no capability,
+    // no_new_privs and the runtime's seccomp filter.
+    let status = node::exec(
+        &ns,
+        pod_name(&pods[0])?,
+        "app",
+        &["python3.11", "-c", PROCESS_STATUS],
+    )
+    .await?;
+    let mut programs: Vec<&str> = Vec::new();
+    for line in status.lines() {
+        let (program, rest) = line.split_once(' ').context("program and fields")?;
+        ensure!(
+            rest == "uid=10001 caps=0000000000000000 no_new_privs=1 seccomp=2",
+            "{line}"
+        );
+        programs.push(program);
+    }
+    programs.sort_unstable();
+    programs.dedup();
+    ensure!(
+        programs == ["forkscope-server", "forkscope-sidecar"],
+        "{status}"
+    );
 
     // A heap diff through the first pod's sidecar names the leak line.
     let (pod, sidecar) = (&pods[0], node::sidecar(&pods[0], node::EXAMPLE_TOKEN)?);
