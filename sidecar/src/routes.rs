@@ -172,7 +172,7 @@ async fn start_profile(
     State(state): State<AppState>,
     JsonBody(req): JsonBody<ProfileRequest>,
 ) -> Result<(StatusCode, Json<Session>), ApiError> {
-    let session = state.sessions.start(req)?;
+    let session = state.sessions.start(req).await?;
     Ok((StatusCode::CREATED, Json(session)))
 }
 
