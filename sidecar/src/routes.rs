@@ -12,10 +12,11 @@ use axum::{Json, Router, middleware};
 use serde::de::DeserializeOwned;
 
 use crate::api::{
-    Health, LeaderActionResult, LeaderSelector, ProcessList, ProfileRequest, ScaleRequest, Session,
-    SessionList,
+    API_PREFIX, Health, LeaderActionResult, LeaderSelector, ProcessList, ProfileRequest,
+    ScaleRequest, Session, SessionList,
 };
 use crate::error::ApiError;
+use crate::paths::{self, under_prefix};
 use crate::signals::Signal;
 use crate::{AppState, auth, leader, openapi};
 
@@ -60,24 +61,30 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 /// Builds the router over `state`.
 pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
-        .route("/openapi.json", get(openapi_doc))
-        .route("/processes", get(processes))
-        .route("/profiles", post(start_profile).get(list_profiles))
-        .route("/profiles/{id}", get(get_profile).delete(cancel_profile))
-        .route("/profiles/{id}/capture", post(capture_profile))
-        .route("/leader/reload", post(reload))
-        .route("/leader/workers", put(scale))
-        .route("/leader/reopen-logs", post(reopen_logs))
+        .route(under_prefix(paths::OPENAPI), get(openapi_doc))
+        .route(under_prefix(paths::PROCESSES), get(processes))
+        .route(
+            under_prefix(paths::PROFILES),
+            post(start_profile).get(list_profiles),
+        )
+        .route(
+            under_prefix(paths::PROFILE),
+            get(get_profile).delete(cancel_profile),
+        )
+        .route(under_prefix(paths::PROFILE_CAPTURE), post(capture_profile))
+        .route(under_prefix(paths::LEADER_RELOAD), post(reload))
+        .route(under_prefix(paths::LEADER_WORKERS), put(scale))
+        .route(under_prefix(paths::LEADER_REOPEN_LOGS), post(reopen_logs))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             state.token.clone(),
             auth::require_token,
         ));
     Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .nest("/v1", v1)
+        .route(paths::HEALTHZ, get(healthz))
+        .route(paths::READYZ, get(readyz))
+        .route(paths::METRICS, get(metrics))
+        .nest(API_PREFIX, v1)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -305,10 +312,10 @@ mod tests {
         let (state, _dir) = state(r);
         let sessions = state.sessions.clone();
         let app = router(state);
-        let (status, body) = call(app.clone(), "GET", "/v1/processes", None).await;
+        let (status, body) = call(app.clone(), "GET", paths::PROCESSES, None).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         assert_eq!(body["code"], "unauthorized");
-        let (status, body) = call(app.clone(), "GET", "/v1/processes", Some("t0ken")).await;
+        let (status, body) = call(app.clone(), "GET", paths::PROCESSES, Some("t0ken")).await;
         assert_eq!(status, StatusCode::OK);
         let leader = &body["leaders"][0];
         assert_eq!(leader["server"], "forkscope");
@@ -318,11 +325,11 @@ mod tests {
         assert_eq!(leader["workers"][0]["slot"], 0);
         assert_eq!(leader["workers"][0]["memory"]["pss_bytes"], 800 * 1024);
         // Ready only once orphan recovery ran (serve() starts it).
-        let (status, body) = call(app.clone(), "GET", "/readyz", None).await;
+        let (status, body) = call(app.clone(), "GET", paths::READYZ, None).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(body["checks"]["orphan_recovery"], "running");
         sessions.recover_orphans().await;
-        let (status, _) = call(app, "GET", "/readyz", None).await;
+        let (status, _) = call(app, "GET", paths::READYZ, None).await;
         assert_eq!(status, StatusCode::OK);
     }
 }
