@@ -17,6 +17,8 @@
 //! - [`leader`]: reload, reopen logs, worker count.
 //! - [`metrics`]: the Prometheus registry and the scrape-time `/proc` collector.
 //! - [`auth`]: the bearer-token check.
+//! - [`http_server`]: the HTTP server's limits and bounded graceful stop.
+//! - [`hardening`]: the process made non-dumpable.
 //! - [`routes`], [`error`], [`openapi`], [`paths`]: the HTTP surface (every route path is in
 //!   [`paths`]).
 //!
@@ -39,6 +41,10 @@ pub mod auth;
 pub mod discovery;
 #[cfg(feature = "service")]
 pub mod error;
+#[cfg(feature = "service")]
+pub mod hardening;
+#[cfg(feature = "service")]
+pub mod http_server;
 #[cfg(feature = "service")]
 pub mod leader;
 #[cfg(feature = "service")]

@@ -2,6 +2,7 @@
 //! outside it; JSON bodies size-limited, every error a JSON [`crate::api::ErrorBody`].
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
@@ -73,8 +74,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route(under_prefix(paths::PROFILE_CAPTURE), post(capture_profile))
         .route(under_prefix(paths::LEADER_RELOAD), post(reload))
-        .route(under_prefix(paths::LEADER_WORKERS), put(scale))
         .route(under_prefix(paths::LEADER_REOPEN_LOGS), post(reopen_logs))
+        .route_layer(middleware::from_fn(deadline))
+        // Bounded by its own `timeout_seconds` (at most 600).
+        .route(under_prefix(paths::LEADER_WORKERS), put(scale))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             state.token.clone(),
@@ -84,11 +87,29 @@ pub fn router(state: AppState) -> Router {
         .route(paths::HEALTHZ, get(healthz))
         .route(paths::READYZ, get(readyz))
         .route(paths::METRICS, get(metrics))
+        .route_layer(middleware::from_fn(deadline))
         .nest(API_PREFIX, v1)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
+}
+
+/// The longest a request may take, reading its body included; the worker-count change is
+/// bounded by its own `timeout_seconds` instead.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Ends a request that outlasts [`REQUEST_TIMEOUT`] with a 504 (a slow or stalled client
+/// cannot hold a connection and its task for longer).
+async fn deadline(req: Request, next: middleware::Next) -> Response {
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::Timeout(format!(
+            "request not done within {} s",
+            REQUEST_TIMEOUT.as_secs()
+        ))
+        .into_response(),
+    }
 }
 
 async fn not_found() -> ApiError {
@@ -148,11 +169,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let metrics = state.metrics.clone();
-    let text = tokio::task::spawn_blocking(move || metrics.render())
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let text = state.metrics.scrape().await.map_err(ApiError::Internal)?;
     Ok((
         [(
             header::CONTENT_TYPE,
@@ -233,7 +250,7 @@ async fn scale(
             holder: None,
         });
     };
-    leader::scale(&state.source, &req, std::time::Duration::from_millis(20))
+    leader::scale(&state.source, &req, Duration::from_millis(20))
         .await
         .map(Json)
 }
@@ -248,7 +265,6 @@ mod tests {
     use axum::http::Request as HttpRequest;
     use tower::ServiceExt;
 
-    use crate::discovery::fixture::{fixture, proc, rollup};
     use crate::sessions::SessionLimits;
 
     fn state(root: &std::path::Path) -> (AppState, tempfile::TempDir) {
@@ -290,25 +306,8 @@ mod tests {
 
     #[tokio::test]
     async fn processes_of_a_fixture_tree_through_the_router() {
-        let root = fixture();
+        let root = crate::discovery::fixture::one_leader("web:app");
         let r = root.path();
-        proc(
-            r,
-            100,
-            1,
-            'S',
-            1000,
-            &["forkscope-server: leader [web:app]"],
-        );
-        proc(
-            r,
-            101,
-            100,
-            'S',
-            1100,
-            &["forkscope-server: worker 0 [web:app]"],
-        );
-        rollup(r, 101, 800);
         let (state, _dir) = state(r);
         let sessions = state.sessions.clone();
         let app = router(state);
@@ -331,5 +330,15 @@ mod tests {
         sessions.recover_orphans().await;
         let (status, _) = call(app, "GET", paths::READYZ, None).await;
         assert_eq!(status, StatusCode::OK);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_outlasts_the_deadline_is_a_504() {
+        let app = Router::new()
+            .route("/stalled", get(std::future::pending::<()>))
+            .route_layer(middleware::from_fn(deadline));
+        let (status, body) = call(app, "GET", "/stalled", None).await;
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(body["code"], "timeout");
     }
 }
