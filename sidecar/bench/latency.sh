@@ -69,7 +69,6 @@ measure_concurrent() { # name, curl args...: CLIENTS loops of REQUESTS/CLIENTS r
             curl -s -o /dev/null -w '%{time_total}\n' "$@"
         done &
     done | report "$name x$clients"
-    wait
 }
 cpu_ticks() { # user + system clock ticks of the sidecar so far
     awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$sidecar/stat"
