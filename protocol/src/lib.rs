@@ -23,11 +23,16 @@
 //! - [`paths`]: where each file lives.
 //! - [`command`]: what a program asks a worker to do.
 //! - [`result`]: what a worker answers: heap diffs and stack dumps.
+//! - [`title`]: the process titles the server sets and the sidecar discovers roles by.
+//! - [`smaps`]: memory counters from `smaps_rollup`, read by both.
+//! - [`files`]: safe opens, bounded reads, atomic writes.
 
 pub mod command;
 pub mod files;
 pub mod paths;
 pub mod result;
+pub mod smaps;
+pub mod title;
 
 pub use command::{Action, Command, GroupBy};
 pub use files::{FileError, read_json_limited, write_json_atomic};

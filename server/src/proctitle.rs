@@ -1,7 +1,8 @@
 //! Process titles, as `ps` and `/proc/PID/cmdline` show them (DESIGN.md "Names").
 //!
-//! The sidecar finds roles by these titles, so they are a contract:
-//! `forkscope-server: leader [APP]` and `forkscope-server: worker N [APP]`.
+//! The sidecar finds roles by these titles, so their format is a contract, written once in
+//! [`forkscope_protocol::title`]: `forkscope-server: leader [APP]` and
+//! `forkscope-server: worker N [APP]`.
 //!
 //! Linux shows the memory between `arg_start` and `env_end` of the process as its command line.
 //! [`init`] moves the environment strings to the heap (rebuilding `environ`), which frees the
@@ -10,6 +11,8 @@
 
 use std::sync::Mutex;
 
+use forkscope_protocol::title::Title;
+
 struct Area {
     start: usize,
     len: usize,
@@ -17,14 +20,18 @@ struct Area {
 
 static AREA: Mutex<Option<Area>> = Mutex::new(None);
 
-/// The leader's title.
+/// The leader's title (format: [`forkscope_protocol::title`]).
 pub fn leader_title(app: &str) -> String {
-    format!("forkscope-server: leader [{app}]")
+    Title::Leader { app: app.into() }.render()
 }
 
 /// A worker's title; `slot` is the stable 0-based worker slot.
 pub fn worker_title(slot: u32, app: &str) -> String {
-    format!("forkscope-server: worker {slot} [{app}]")
+    Title::Worker {
+        slot,
+        app: app.into(),
+    }
+    .render()
 }
 
 /// Reads `arg_start`..`env_end` (fields 48–51) from `/proc/self/stat`.

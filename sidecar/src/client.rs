@@ -9,6 +9,13 @@ use crate::api::{
     ErrorBody, LeaderActionResult, LeaderSelector, ProcessList, ProfileRequest, ScaleRequest,
     Session, SessionList,
 };
+use crate::paths;
+
+/// A route of [`paths`] relative to the base URL, so a base with a path (a proxy prefix) keeps
+/// it.
+fn relative(path: &str) -> &str {
+    path.trim_start_matches('/')
+}
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +88,7 @@ impl Client {
     ) -> Result<T, ClientError> {
         let url = self
             .base
-            .join(path)
+            .join(relative(path))
             .map_err(|e| ClientError::Url(e.to_string()))?;
         let mut req = self.http.request(method, url).bearer_auth(&self.token);
         if let Some(b) = body {
@@ -106,7 +113,8 @@ impl Client {
     /// # Errors
     /// Transport or API errors.
     pub async fn processes(&self) -> Result<ProcessList, ClientError> {
-        self.call::<(), _>(Method::GET, "v1/processes", None).await
+        self.call::<(), _>(Method::GET, paths::PROCESSES, None)
+            .await
     }
 
     /// `POST /v1/profiles`.
@@ -114,7 +122,7 @@ impl Client {
     /// # Errors
     /// Transport or API errors (409 when a worker is busy: see the body's `holder`).
     pub async fn start_profile(&self, req: &ProfileRequest) -> Result<Session, ClientError> {
-        self.call(Method::POST, "v1/profiles", Some(req)).await
+        self.call(Method::POST, paths::PROFILES, Some(req)).await
     }
 
     /// `GET /v1/profiles`.
@@ -122,7 +130,7 @@ impl Client {
     /// # Errors
     /// Transport or API errors.
     pub async fn profiles(&self) -> Result<SessionList, ClientError> {
-        self.call::<(), _>(Method::GET, "v1/profiles", None).await
+        self.call::<(), _>(Method::GET, paths::PROFILES, None).await
     }
 
     /// `GET /v1/profiles/{id}`.
@@ -130,7 +138,7 @@ impl Client {
     /// # Errors
     /// Transport or API errors (404 for an unknown or expired session).
     pub async fn profile(&self, id: &str) -> Result<Session, ClientError> {
-        self.call::<(), _>(Method::GET, &format!("v1/profiles/{id}"), None)
+        self.call::<(), _>(Method::GET, &paths::with_id(paths::PROFILE, id), None)
             .await
     }
 
@@ -139,8 +147,12 @@ impl Client {
     /// # Errors
     /// Transport or API errors.
     pub async fn capture(&self, id: &str) -> Result<Session, ClientError> {
-        self.call::<(), _>(Method::POST, &format!("v1/profiles/{id}/capture"), None)
-            .await
+        self.call::<(), _>(
+            Method::POST,
+            &paths::with_id(paths::PROFILE_CAPTURE, id),
+            None,
+        )
+        .await
     }
 
     /// `DELETE /v1/profiles/{id}`.
@@ -148,7 +160,7 @@ impl Client {
     /// # Errors
     /// Transport or API errors.
     pub async fn cancel(&self, id: &str) -> Result<Session, ClientError> {
-        self.call::<(), _>(Method::DELETE, &format!("v1/profiles/{id}"), None)
+        self.call::<(), _>(Method::DELETE, &paths::with_id(paths::PROFILE, id), None)
             .await
     }
 
@@ -178,7 +190,7 @@ impl Client {
     /// Transport or API errors.
     pub async fn reload(&self, leader_pid: Option<u32>) -> Result<LeaderActionResult, ClientError> {
         let sel = LeaderSelector { leader_pid };
-        self.call(Method::POST, "v1/leader/reload", Some(&sel))
+        self.call(Method::POST, paths::LEADER_RELOAD, Some(&sel))
             .await
     }
 
@@ -191,7 +203,7 @@ impl Client {
         leader_pid: Option<u32>,
     ) -> Result<LeaderActionResult, ClientError> {
         let sel = LeaderSelector { leader_pid };
-        self.call(Method::POST, "v1/leader/reopen-logs", Some(&sel))
+        self.call(Method::POST, paths::LEADER_REOPEN_LOGS, Some(&sel))
             .await
     }
 
@@ -200,7 +212,8 @@ impl Client {
     /// # Errors
     /// Transport or API errors (504 when the count was not reached in time).
     pub async fn set_workers(&self, req: &ScaleRequest) -> Result<LeaderActionResult, ClientError> {
-        self.call(Method::PUT, "v1/leader/workers", Some(req)).await
+        self.call(Method::PUT, paths::LEADER_WORKERS, Some(req))
+            .await
     }
 
     /// `GET /readyz`: the readiness report; `status` is `ok` when ready (a 503 is not an
@@ -211,7 +224,7 @@ impl Client {
     pub async fn ready(&self) -> Result<crate::api::Health, ClientError> {
         let url = self
             .base
-            .join("readyz")
+            .join(relative(paths::READYZ))
             .map_err(|e| ClientError::Url(e.to_string()))?;
         Ok(self.http.get(url).send().await?.json().await?)
     }
@@ -223,7 +236,7 @@ impl Client {
     pub async fn metrics_text(&self) -> Result<String, ClientError> {
         let url = self
             .base
-            .join("metrics")
+            .join(relative(paths::METRICS))
             .map_err(|e| ClientError::Url(e.to_string()))?;
         let resp = self.http.get(url).send().await?.error_for_status()?;
         Ok(resp.text().await?)

@@ -69,17 +69,16 @@ fn bracketed(rest: &str) -> Option<String> {
 pub fn classify(argv: &[String]) -> Title {
     let joined = argv.join(" ");
     let title = joined.trim();
-    if let Some(rest) = title.strip_prefix("forkscope-server: ") {
-        if let Some(app) = rest.strip_prefix("leader ").and_then(bracketed) {
-            return Title::ForkscopeLeader { app };
-        }
-        if let Some(rest) = rest.strip_prefix("worker ")
-            && let Some((slot, app)) = rest.split_once(' ')
-            && let (Ok(slot), Some(app)) = (slot.parse::<u32>(), bracketed(app))
-        {
-            return Title::ForkscopeWorker { slot, app };
-        }
-        return Title::Other;
+    if title.starts_with(forkscope_protocol::title::PREFIX) {
+        return match forkscope_protocol::title::Title::parse(title) {
+            Some(forkscope_protocol::title::Title::Leader { app }) => {
+                Title::ForkscopeLeader { app }
+            }
+            Some(forkscope_protocol::title::Title::Worker { slot, app }) => {
+                Title::ForkscopeWorker { slot, app }
+            }
+            None => Title::Other,
+        };
     }
     if let Some(rest) = title.strip_prefix("gunicorn: ") {
         if let Some(app) = rest.strip_prefix("master ").and_then(bracketed) {

@@ -17,17 +17,21 @@
 //! - [`leader`]: reload, reopen logs, worker count.
 //! - [`metrics`]: the Prometheus registry and the scrape-time `/proc` collector.
 //! - [`auth`]: the bearer-token check.
-//! - [`routes`], [`error`], [`openapi`]: the HTTP surface.
+//! - [`http_server`]: the HTTP server's limits and bounded graceful stop.
+//! - [`hardening`]: the process made non-dumpable.
+//! - [`routes`], [`error`], [`openapi`], [`paths`]: the HTTP surface (every route path is in
+//!   [`paths`]).
 //!
 //! # Features
-//! `service` (default) builds the sidecar itself. Without it the crate is [`api`], [`client`]
-//! and [`openapi`] only, so a caller (the operator) links neither axum, procfs nor prometheus:
+//! `service` (default) builds the sidecar itself. Without it the crate is [`api`], [`client`],
+//! [`paths`] and [`openapi`] only, so a caller (the operator) links neither axum, procfs nor prometheus:
 //! `forkscope-sidecar = { default-features = false }`.
 #![warn(missing_docs)]
 
 pub mod api;
 pub mod client;
 pub mod openapi;
+pub mod paths;
 
 pub use client::{Client, ClientError};
 
@@ -37,6 +41,10 @@ pub mod auth;
 pub mod discovery;
 #[cfg(feature = "service")]
 pub mod error;
+#[cfg(feature = "service")]
+pub mod hardening;
+#[cfg(feature = "service")]
+pub mod http_server;
 #[cfg(feature = "service")]
 pub mod leader;
 #[cfg(feature = "service")]

@@ -1,31 +1,34 @@
 //! Per-process memory from `/proc/PID/smaps_rollup`, falling back to summing `/proc/PID/smaps`
-//! on kernels without the rollup (before 4.14).
+//! on kernels without the rollup (before 4.14); both parsed by the contract shared with the
+//! server, [`forkscope_protocol::smaps`].
 
-use procfs::process::{MemoryMaps, Process};
+use std::io::Read;
+
+use procfs::process::Process;
 
 use crate::api::Memory;
 
-/// Sums the kernel's counters (already in bytes in `procfs`) over every mapping in `maps`.
-fn from_maps(maps: &MemoryMaps) -> Memory {
-    let mut m = Memory::default();
-    for map in &maps.0 {
-        let get = |k: &str| map.extension.map.get(k).copied().unwrap_or(0);
-        m.pss_bytes += get("Pss");
-        m.rss_bytes += get("Rss");
-        m.uss_bytes += get("Private_Clean") + get("Private_Dirty");
-        m.shared_bytes += get("Shared_Clean") + get("Shared_Dirty");
-        m.swap_bytes += get("Swap");
-    }
-    m
+/// The largest `smaps` text read (a process with tens of thousands of mappings).
+const MAX_SMAPS_BYTES: u64 = 64 * 1024 * 1024;
+
+fn read_text(process: &Process, name: &str) -> Option<String> {
+    let file = process.open_relative(name).ok()?;
+    let mut text = String::new();
+    file.take(MAX_SMAPS_BYTES).read_to_string(&mut text).ok()?;
+    Some(text)
 }
 
 /// Reads the memory of an opened process; `None` when it vanished or smaps is unreadable.
 pub fn read(process: &Process) -> Option<Memory> {
-    match process.smaps_rollup() {
-        Ok(rollup) if !rollup.memory_map_rollup.0.is_empty() => {
-            Some(from_maps(&rollup.memory_map_rollup))
-        }
+    let rollup = read_text(process, "smaps_rollup")
+        .and_then(|text| forkscope_protocol::smaps::parse(&text))
         // Rollup missing (old kernel) or empty: the slower full smaps.
-        _ => process.smaps().ok().map(|maps| from_maps(&maps)),
-    }
+        .or_else(|| forkscope_protocol::smaps::parse(&read_text(process, "smaps")?))?;
+    Some(Memory {
+        pss_bytes: rollup.pss,
+        rss_bytes: rollup.rss,
+        uss_bytes: rollup.uss(),
+        shared_bytes: rollup.shared(),
+        swap_bytes: rollup.swap,
+    })
 }

@@ -4,9 +4,10 @@
 //! `forkscope_process_info` series. See docs/METRICS.md.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{CounterVec, Gauge, GaugeVec, IntCounterVec, Opts, Registry, TextEncoder};
@@ -91,21 +92,28 @@ fn cpu_counter() -> CounterVec {
 /// `(server, app, slot)` of a restart counter.
 type LabelSet = (ServerKind, String, String);
 
+/// How many slots of one leader are tracked for restarts (the scale API's own bound); a title
+/// that names a slot beyond the first this many of a leader gets no restart series.
+const MAX_TRACKED_SLOTS: usize = 1024;
+
 /// Counts worker restarts between scans: a forkscope-server slot whose process changed, or a
 /// new gunicorn worker under a known leader whose worker count did not grow.
+///
+/// A slot is remembered while its leader lives, so a scan that falls between a worker's death
+/// and its replacement still counts the restart; everything about a leader is forgotten (and
+/// its series dropped) when the leader goes, so the series stay bounded by what runs now.
 #[derive(Default)]
 struct RestartTracker {
-    slots: HashMap<(ProcessKey, u32), ProcessKey>,
-    gunicorn: HashMap<ProcessKey, (HashSet<ProcessKey>, usize)>,
+    slots: HashMap<(ProcessKey, u32), (ProcessKey, LabelSet)>,
+    gunicorn: HashMap<ProcessKey, (HashSet<ProcessKey>, usize, LabelSet)>,
 }
 
 impl RestartTracker {
     /// Updates the tracker; returns `(server, app, slot)` for every restart seen, and every
-    /// label set seen (so each counter exists from 0 and `increase()` sees the first restart).
-    fn observe(&mut self, snap: &Snapshot) -> (Vec<LabelSet>, Vec<LabelSet>) {
+    /// label set tracked now (so each counter exists from 0 and `increase()` sees the first
+    /// restart; any other label set is stale).
+    fn observe(&mut self, snap: &Snapshot) -> (Vec<LabelSet>, HashSet<LabelSet>) {
         let mut restarts = Vec::new();
-        let mut labels = Vec::new();
-        let mut seen_slots = HashSet::new();
         let mut seen_leaders = HashSet::new();
         for l in &snap.leaders {
             let leader = l.leader.key;
@@ -120,36 +128,53 @@ impl RestartTracker {
                             *e = w.process.key;
                         }
                     }
+                    let mut newest: Vec<(u32, ProcessKey)> = newest.into_iter().collect();
+                    newest.sort();
+                    let mut tracked = self.slots.keys().filter(|(k, _)| *k == leader).count();
                     for (slot, key) in newest {
-                        seen_slots.insert((leader, slot));
-                        labels.push((l.server, app_label(&l.app), slot.to_string()));
-                        let prev = self.slots.insert((leader, slot), key);
-                        if prev.is_some_and(|p| p != key) {
-                            restarts.push((l.server, app_label(&l.app), slot.to_string()));
+                        let labels = (l.server, app_label(&l.app), slot.to_string());
+                        match self.slots.get_mut(&(leader, slot)) {
+                            Some((prev, _)) if *prev != key => {
+                                restarts.push(labels);
+                                *prev = key;
+                            }
+                            Some(_) => {}
+                            None if tracked < MAX_TRACKED_SLOTS => {
+                                tracked += 1;
+                                self.slots.insert((leader, slot), (key, labels));
+                            }
+                            None => {}
                         }
                     }
                 }
                 ServerKind::Gunicorn => {
-                    labels.push((l.server, app_label(&l.app), String::new()));
+                    let labels = (l.server, app_label(&l.app), String::new());
                     let now: HashSet<ProcessKey> =
                         l.workers.iter().map(|w| w.process.key).collect();
-                    if let Some((before, max)) = self.gunicorn.get(&leader) {
-                        let new = now.difference(before).count();
-                        let grown = now.len().saturating_sub(*max);
-                        for _ in 0..new.saturating_sub(grown) {
-                            restarts.push((l.server, app_label(&l.app), String::new()));
+                    let max = match self.gunicorn.get(&leader) {
+                        Some((before, max, _)) => {
+                            let new = now.difference(before).count();
+                            let grown = now.len().saturating_sub(*max);
+                            for _ in 0..new.saturating_sub(grown) {
+                                restarts.push(labels.clone());
+                            }
+                            (*max).max(now.len())
                         }
-                    }
-                    let max = self
-                        .gunicorn
-                        .get(&leader)
-                        .map_or(now.len(), |(_, m)| (*m).max(now.len()));
-                    self.gunicorn.insert(leader, (now, max));
+                        None => now.len(),
+                    };
+                    self.gunicorn.insert(leader, (now, max, labels));
                 }
             }
         }
-        self.slots.retain(|k, _| seen_slots.contains(k));
+        self.slots
+            .retain(|(leader, _), _| seen_leaders.contains(leader));
         self.gunicorn.retain(|k, _| seen_leaders.contains(k));
+        let labels = self
+            .slots
+            .values()
+            .map(|(_, l)| l.clone())
+            .chain(self.gunicorn.values().map(|(_, _, l)| l.clone()))
+            .collect();
         (restarts, labels)
     }
 }
@@ -163,7 +188,16 @@ pub struct ProcessCollector {
     source: ProcSource,
     descs: Vec<Desc>,
     restarts: IntCounterVec,
-    tracker: Mutex<RestartTracker>,
+    /// Held across the whole scan and update, so concurrent gathers update the tracker in the
+    /// order of their scans.
+    tracker: Mutex<Tracked>,
+}
+
+/// The restart tracker and the restart series it has exposed.
+#[derive(Default)]
+struct Tracked {
+    tracker: RestartTracker,
+    exposed: HashSet<LabelSet>,
 }
 
 impl ProcessCollector {
@@ -188,28 +222,37 @@ impl ProcessCollector {
             source,
             descs,
             restarts,
-            tracker: Mutex::new(RestartTracker::default()),
+            tracker: Mutex::new(Tracked::default()),
         }
     }
 
     /// Reads `/proc` and renders every process series.
     fn gather(&self) -> Vec<MetricFamily> {
         let started = Instant::now();
-        let snap = self.source.scan();
-        let (restarts, labels) = self
-            .tracker
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .observe(&snap);
-        for (server, app, slot) in labels {
-            self.restarts
-                .with_label_values(&[server.as_str(), app.as_str(), slot.as_str()]);
-        }
-        for (server, app, slot) in restarts {
-            self.restarts
-                .with_label_values(&[server.as_str(), app.as_str(), slot.as_str()])
-                .inc();
-        }
+        let snap = {
+            let mut tracked = self.tracker.lock().unwrap_or_else(|e| e.into_inner());
+            let snap = self.source.scan();
+            let (restarts, labels) = tracked.tracker.observe(&snap);
+            let values = |(server, app, slot): &LabelSet| {
+                [server.as_str(), app.as_str(), slot.as_str()].map(str::to_owned)
+            };
+            for gone in tracked.exposed.difference(&labels) {
+                let v = values(gone);
+                let _ = self.restarts.remove_label_values(&[&v[0], &v[1], &v[2]]);
+            }
+            for l in &labels {
+                let v = values(l);
+                self.restarts.with_label_values(&[&v[0], &v[1], &v[2]]);
+            }
+            for l in &restarts {
+                let v = values(l);
+                self.restarts
+                    .with_label_values(&[&v[0], &v[1], &v[2]])
+                    .inc();
+            }
+            tracked.exposed = labels;
+            snap
+        };
         let vecs: Vec<GaugeVec> = templates()
             .into_iter()
             .map(|(name, help, labels)| gauge_vec(name, help, &labels))
@@ -282,6 +325,34 @@ impl Collector for ProcessCollector {
     }
 }
 
+/// How long a rendered scrape is served as is.
+pub const SCRAPE_FRESH: Duration = Duration::from_secs(1);
+
+/// How long a rendered scrape may still be served while a newer one is read in the background;
+/// a request that finds only an older one waits for a fresh read.
+pub const SCRAPE_STALE: Duration = Duration::from_secs(10);
+
+/// One rendered scrape.
+#[derive(Clone)]
+struct Rendered {
+    /// When the `/proc` read that produced it began.
+    at: Instant,
+    text: Bytes,
+}
+
+/// Shares `/proc` reads between concurrent `/metrics` requests: at most one read runs at a
+/// time, its text is reused while fresh, and a stale text is served while the next read runs
+/// in the background. The sidecar's own CPU then follows its cadence ([`SCRAPE_FRESH`]), not
+/// how often or how many clients scrape.
+#[derive(Default)]
+struct Scrapes {
+    latest: Mutex<Option<Rendered>>,
+    /// Held by the one read in flight.
+    flight: tokio::sync::Mutex<()>,
+    /// `/proc` reads made for `/metrics` so far.
+    reads: std::sync::atomic::AtomicU64,
+}
+
 /// The sidecar's registry and the counters other modules update.
 pub struct Metrics {
     /// Everything `/metrics` shows.
@@ -292,6 +363,7 @@ pub struct Metrics {
     pub restarts: IntCounterVec,
     /// `forkscope_sidecar_up`, always 1 (a liveness series).
     pub up: Gauge,
+    scrapes: Scrapes,
 }
 
 impl Metrics {
@@ -341,15 +413,82 @@ impl Metrics {
             sessions,
             restarts,
             up,
+            scrapes: Scrapes::default(),
         }
     }
 
-    /// The text exposition of every metric.
+    /// The text exposition of every metric, read now (on the calling thread: it blocks on
+    /// `/proc`).
     ///
     /// # Errors
     /// When encoding fails (never for well-formed metrics).
     pub fn render(&self) -> Result<String, prometheus::Error> {
         TextEncoder::new().encode_to_string(&self.registry.gather())
+    }
+
+    /// The text `/metrics` serves: shared between concurrent requests and cached briefly (see
+    /// [`SCRAPE_FRESH`] and [`SCRAPE_STALE`]); the `/proc` read runs on the blocking pool.
+    ///
+    /// # Errors
+    /// When encoding fails, or the read panicked.
+    pub async fn scrape(self: &Arc<Self>) -> Result<Bytes, String> {
+        let now = Instant::now();
+        let latest = self.latest();
+        if let Some(r) = latest {
+            let age = now.saturating_duration_since(r.at);
+            if age < SCRAPE_FRESH {
+                return Ok(r.text);
+            }
+            if age < SCRAPE_STALE {
+                if let Ok(flight) = self.scrapes.flight.try_lock() {
+                    drop(flight);
+                    let this = self.clone();
+                    tokio::spawn(async move { this.read_shared(Instant::now()).await });
+                }
+                return Ok(r.text);
+            }
+        }
+        // Read in a task of its own, so a client that goes away does not waste the read.
+        let this = self.clone();
+        tokio::spawn(async move { this.read_shared(now).await })
+            .await
+            .map_err(|e| e.to_string())?
+    }
+
+    fn latest(&self) -> Option<Rendered> {
+        self.scrapes
+            .latest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// A text fresh for a request that arrived at `arrival`: the one the read in flight
+    /// produces, or a new one.
+    async fn read_shared(self: Arc<Self>, arrival: Instant) -> Result<Bytes, String> {
+        let _flight = self.scrapes.flight.lock().await;
+        if let Some(r) = self.latest().filter(|r| r.at + SCRAPE_FRESH > arrival) {
+            return Ok(r.text);
+        }
+        let at = Instant::now();
+        self.scrapes
+            .reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let this = self.clone();
+        let text: Bytes = tokio::task::spawn_blocking(move || this.render())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?
+            .into();
+        *self
+            .scrapes
+            .latest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Rendered {
+            at,
+            text: text.clone(),
+        });
+        Ok(text)
     }
 }
 
@@ -414,25 +553,9 @@ mod tests {
 
     #[test]
     fn renders_fixture_processes_with_bounded_labels() {
-        use crate::discovery::fixture::{fixture, proc, rollup};
-        let root = fixture();
+        use crate::discovery::fixture::{one_leader, proc, rollup};
+        let root = one_leader("web:app");
         let r = root.path();
-        proc(
-            r,
-            100,
-            1,
-            'S',
-            1000,
-            &["forkscope-server: leader [web:app]"],
-        );
-        proc(
-            r,
-            101,
-            100,
-            'S',
-            1100,
-            &["forkscope-server: worker 0 [web:app]"],
-        );
         // Slot 0 mid-reload: an older process still shuts down beside its replacement.
         proc(
             r,
@@ -443,7 +566,6 @@ mod tests {
             &["forkscope-server: worker 0 [web:app]"],
         );
         rollup(r, 100, 2000);
-        rollup(r, 101, 800);
         rollup(r, 102, 700);
         let metrics = Metrics::new(ProcSource::new(r));
         let text = metrics.render().expect("render");
@@ -521,5 +643,66 @@ mod tests {
             &[(0, 21, 9), (1, 22, 9), (2, 23, 9)],
         ));
         assert_eq!(r.len(), 3);
+    }
+
+    /// Issue 14: a scan between a worker's death and its replacement made the tracker forget
+    /// the slot, so the restart was never counted.
+    #[test]
+    fn a_slot_missing_from_one_scan_still_counts_its_restart() {
+        let mut t = RestartTracker::default();
+        t.observe(&snap(ServerKind::Forkscope, &[(0, 11, 5), (1, 12, 5)]));
+        let (r, labels) = t.observe(&snap(ServerKind::Forkscope, &[(1, 12, 5)]));
+        assert!(r.is_empty());
+        assert_eq!(
+            labels.len(),
+            2,
+            "slot 0 keeps its series while its leader lives"
+        );
+        let (r, _) = t.observe(&snap(ServerKind::Forkscope, &[(0, 13, 9), (1, 12, 5)]));
+        assert_eq!(r, vec![(ServerKind::Forkscope, "a:a".into(), "0".into())]);
+    }
+
+    /// Issue 14: a series for every (app, slot) ever seen, slots taken from titles.
+    #[test]
+    fn restart_series_are_bounded_by_the_leaders_that_run() {
+        let mut t = RestartTracker::default();
+        let many: Vec<(u32, u32, u64)> = (0..3000).map(|i| (i, 1000 + i, 5)).collect();
+        let (_, labels) = t.observe(&snap(ServerKind::Forkscope, &many));
+        assert_eq!(labels.len(), MAX_TRACKED_SLOTS);
+        let (_, labels) = t.observe(&Snapshot { leaders: vec![] });
+        assert!(labels.is_empty());
+    }
+
+    #[test]
+    fn a_gone_leader_takes_its_restart_series_along() {
+        let root = crate::discovery::fixture::one_leader("gone:app");
+        let r = root.path();
+        let metrics = Metrics::new(ProcSource::new(r));
+        let series = r#"forkscope_worker_restarts_total{app="gone:app""#;
+        assert!(metrics.render().expect("render").contains(series));
+        std::fs::remove_dir_all(r.join("100")).expect("leader gone");
+        std::fs::remove_dir_all(r.join("101")).expect("worker gone");
+        assert!(!metrics.render().expect("render").contains(series));
+    }
+
+    #[tokio::test]
+    async fn concurrent_scrapes_share_one_read() {
+        let root = crate::discovery::fixture::one_leader("web:app");
+        let r = root.path();
+        let metrics = Arc::new(Metrics::new(ProcSource::new(r)));
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..16 {
+            let m = metrics.clone();
+            set.spawn(async move { m.scrape().await.expect("scrape") });
+        }
+        let texts: Vec<Bytes> = set.join_all().await;
+        assert!(texts.iter().all(|t| *t == texts[0]));
+        // One read shared by every request in flight.
+        let reads = metrics
+            .scrapes
+            .reads
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(reads, 1, "16 concurrent scrapes");
+        assert!(String::from_utf8_lossy(&texts[0]).contains("forkscope_workers"));
     }
 }

@@ -10,6 +10,7 @@ use crate::api::{
     ErrorBody, Health, LeaderActionResult, LeaderSelector, ProcessList, ProfileRequest,
     ScaleRequest, Session, SessionList,
 };
+use crate::paths;
 
 fn schema<T: JsonSchema>(generator: &mut SchemaGenerator) -> Value {
     generator.subschema_for::<T>().to_value()
@@ -40,31 +41,31 @@ pub fn document() -> Value {
     let leader_result = schema::<LeaderActionResult>(&mut g);
     let health = schema::<Health>(&mut g);
     let paths = json!({
-        "/healthz": { "get": {
+        (paths::HEALTHZ): { "get": {
             "summary": "Liveness", "security": [],
             "responses": { "200": ok("Alive", health.clone()) }
         }},
-        "/readyz": { "get": {
+        (paths::READYZ): { "get": {
             "summary": "Readiness: /proc readable, runtime directory present, orphan recovery done",
             "security": [],
             "responses": { "200": ok("Ready", health.clone()), "503": ok("Not ready", health) }
         }},
-        "/metrics": { "get": {
+        (paths::METRICS): { "get": {
             "summary": "Prometheus text exposition (docs/METRICS.md)", "security": [],
             "responses": { "200": { "description": "Metrics",
                 "content": { "text/plain": { "schema": { "type": "string" } } } } }
         }},
-        "/v1/openapi.json": { "get": {
+        (paths::OPENAPI): { "get": {
             "summary": "This document",
             "responses": { "200": { "description": "OpenAPI 3.0 document",
                 "content": { "application/json": { "schema": { "type": "object" } } } },
                 "401": err("Missing or wrong token") }
         }},
-        "/v1/processes": { "get": {
+        (paths::PROCESSES): { "get": {
             "summary": "Leaders and their workers with memory, CPU and start time",
             "responses": { "200": ok("Processes", process_list), "401": err("Missing or wrong token") }
         }},
-        "/v1/profiles": {
+        (paths::PROFILES): {
             "post": {
                 "summary": "Start a profile session",
                 "requestBody": body(profile_request, false),
@@ -82,7 +83,7 @@ pub fn document() -> Value {
                 "responses": { "200": ok("Sessions", session_list), "401": err("Missing or wrong token") }
             }
         },
-        "/v1/profiles/{id}": {
+        (paths::PROFILE): {
             "parameters": id_param.clone(),
             "get": {
                 "summary": "A session: state, per-worker results, summary",
@@ -95,7 +96,7 @@ pub fn document() -> Value {
                     "401": err("Missing or wrong token"), "404": err("Unknown or expired session") }
             }
         },
-        "/v1/profiles/{id}/capture": {
+        (paths::PROFILE_CAPTURE): {
             "parameters": id_param,
             "post": {
                 "summary": "Capture a heap diff started without a duration, then stop tracing",
@@ -104,13 +105,13 @@ pub fn document() -> Value {
                     "409": err("Not a tracing heap-diff session") }
             }
         },
-        "/v1/leader/reload": { "post": {
+        (paths::LEADER_RELOAD): { "post": {
             "summary": "Reload: SIGHUP to the leader",
             "requestBody": body(leader_selector.clone(), false),
             "responses": { "200": ok("Signalled", leader_result.clone()),
                 "401": err("Missing or wrong token"), "422": err("Not a discovered leader") }
         }},
-        "/v1/leader/workers": { "put": {
+        (paths::LEADER_WORKERS): { "put": {
             "summary": "Set the worker count: SIGTTIN/SIGTTOU one at a time until reached",
             "requestBody": body(scale_request, true),
             "responses": { "200": ok("Count reached", leader_result.clone()),
@@ -118,7 +119,7 @@ pub fn document() -> Value {
                 "409": err("Another change in progress"), "422": err("Not a discovered leader"),
                 "504": err("Count not reached in time") }
         }},
-        "/v1/leader/reopen-logs": { "post": {
+        (paths::LEADER_REOPEN_LOGS): { "post": {
             "summary": "Reopen log files: SIGUSR1 to the leader",
             "requestBody": body(leader_selector, false),
             "responses": { "200": ok("Signalled", leader_result),
@@ -166,19 +167,7 @@ mod tests {
     fn every_route_is_documented_and_every_ref_resolves() {
         let doc = document();
         let paths = doc["paths"].as_object().expect("paths");
-        for p in [
-            "/healthz",
-            "/readyz",
-            "/metrics",
-            "/v1/openapi.json",
-            "/v1/processes",
-            "/v1/profiles",
-            "/v1/profiles/{id}",
-            "/v1/profiles/{id}/capture",
-            "/v1/leader/reload",
-            "/v1/leader/workers",
-            "/v1/leader/reopen-logs",
-        ] {
+        for p in crate::paths::ALL {
             assert!(paths.contains_key(p), "{p} missing");
         }
         let mut found = Vec::new();

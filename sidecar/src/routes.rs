@@ -2,6 +2,7 @@
 //! outside it; JSON bodies size-limited, every error a JSON [`crate::api::ErrorBody`].
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
@@ -12,10 +13,11 @@ use axum::{Json, Router, middleware};
 use serde::de::DeserializeOwned;
 
 use crate::api::{
-    Health, LeaderActionResult, LeaderSelector, ProcessList, ProfileRequest, ScaleRequest, Session,
-    SessionList,
+    API_PREFIX, Health, LeaderActionResult, LeaderSelector, ProcessList, ProfileRequest,
+    ScaleRequest, Session, SessionList,
 };
 use crate::error::ApiError;
+use crate::paths::{self, under_prefix};
 use crate::signals::Signal;
 use crate::{AppState, auth, leader, openapi};
 
@@ -60,28 +62,54 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 /// Builds the router over `state`.
 pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
-        .route("/openapi.json", get(openapi_doc))
-        .route("/processes", get(processes))
-        .route("/profiles", post(start_profile).get(list_profiles))
-        .route("/profiles/{id}", get(get_profile).delete(cancel_profile))
-        .route("/profiles/{id}/capture", post(capture_profile))
-        .route("/leader/reload", post(reload))
-        .route("/leader/workers", put(scale))
-        .route("/leader/reopen-logs", post(reopen_logs))
+        .route(under_prefix(paths::OPENAPI), get(openapi_doc))
+        .route(under_prefix(paths::PROCESSES), get(processes))
+        .route(
+            under_prefix(paths::PROFILES),
+            post(start_profile).get(list_profiles),
+        )
+        .route(
+            under_prefix(paths::PROFILE),
+            get(get_profile).delete(cancel_profile),
+        )
+        .route(under_prefix(paths::PROFILE_CAPTURE), post(capture_profile))
+        .route(under_prefix(paths::LEADER_RELOAD), post(reload))
+        .route(under_prefix(paths::LEADER_REOPEN_LOGS), post(reopen_logs))
+        .route_layer(middleware::from_fn(deadline))
+        // Bounded by its own `timeout_seconds` (at most 600).
+        .route(under_prefix(paths::LEADER_WORKERS), put(scale))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             state.token.clone(),
             auth::require_token,
         ));
     Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .nest("/v1", v1)
+        .route(paths::HEALTHZ, get(healthz))
+        .route(paths::READYZ, get(readyz))
+        .route(paths::METRICS, get(metrics))
+        .route_layer(middleware::from_fn(deadline))
+        .nest(API_PREFIX, v1)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
+}
+
+/// The longest a request may take, reading its body included; the worker-count change is
+/// bounded by its own `timeout_seconds` instead.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Ends a request that outlasts [`REQUEST_TIMEOUT`] with a 504 (a slow or stalled client
+/// cannot hold a connection and its task for longer).
+async fn deadline(req: Request, next: middleware::Next) -> Response {
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::Timeout(format!(
+            "request not done within {} s",
+            REQUEST_TIMEOUT.as_secs()
+        ))
+        .into_response(),
+    }
 }
 
 async fn not_found() -> ApiError {
@@ -141,11 +169,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let metrics = state.metrics.clone();
-    let text = tokio::task::spawn_blocking(move || metrics.render())
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let text = state.metrics.scrape().await.map_err(ApiError::Internal)?;
     Ok((
         [(
             header::CONTENT_TYPE,
@@ -172,7 +196,7 @@ async fn start_profile(
     State(state): State<AppState>,
     JsonBody(req): JsonBody<ProfileRequest>,
 ) -> Result<(StatusCode, Json<Session>), ApiError> {
-    let session = state.sessions.start(req)?;
+    let session = state.sessions.start(req).await?;
     Ok((StatusCode::CREATED, Json(session)))
 }
 
@@ -226,7 +250,7 @@ async fn scale(
             holder: None,
         });
     };
-    leader::scale(&state.source, &req, std::time::Duration::from_millis(20))
+    leader::scale(&state.source, &req, Duration::from_millis(20))
         .await
         .map(Json)
 }
@@ -241,7 +265,6 @@ mod tests {
     use axum::http::Request as HttpRequest;
     use tower::ServiceExt;
 
-    use crate::discovery::fixture::{fixture, proc, rollup};
     use crate::sessions::SessionLimits;
 
     fn state(root: &std::path::Path) -> (AppState, tempfile::TempDir) {
@@ -283,32 +306,15 @@ mod tests {
 
     #[tokio::test]
     async fn processes_of_a_fixture_tree_through_the_router() {
-        let root = fixture();
+        let root = crate::discovery::fixture::one_leader("web:app");
         let r = root.path();
-        proc(
-            r,
-            100,
-            1,
-            'S',
-            1000,
-            &["forkscope-server: leader [web:app]"],
-        );
-        proc(
-            r,
-            101,
-            100,
-            'S',
-            1100,
-            &["forkscope-server: worker 0 [web:app]"],
-        );
-        rollup(r, 101, 800);
         let (state, _dir) = state(r);
         let sessions = state.sessions.clone();
         let app = router(state);
-        let (status, body) = call(app.clone(), "GET", "/v1/processes", None).await;
+        let (status, body) = call(app.clone(), "GET", paths::PROCESSES, None).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         assert_eq!(body["code"], "unauthorized");
-        let (status, body) = call(app.clone(), "GET", "/v1/processes", Some("t0ken")).await;
+        let (status, body) = call(app.clone(), "GET", paths::PROCESSES, Some("t0ken")).await;
         assert_eq!(status, StatusCode::OK);
         let leader = &body["leaders"][0];
         assert_eq!(leader["server"], "forkscope");
@@ -318,11 +324,21 @@ mod tests {
         assert_eq!(leader["workers"][0]["slot"], 0);
         assert_eq!(leader["workers"][0]["memory"]["pss_bytes"], 800 * 1024);
         // Ready only once orphan recovery ran (serve() starts it).
-        let (status, body) = call(app.clone(), "GET", "/readyz", None).await;
+        let (status, body) = call(app.clone(), "GET", paths::READYZ, None).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(body["checks"]["orphan_recovery"], "running");
         sessions.recover_orphans().await;
-        let (status, _) = call(app, "GET", "/readyz", None).await;
+        let (status, _) = call(app, "GET", paths::READYZ, None).await;
         assert_eq!(status, StatusCode::OK);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_outlasts_the_deadline_is_a_504() {
+        let app = Router::new()
+            .route("/stalled", get(std::future::pending::<()>))
+            .route_layer(middleware::from_fn(deadline));
+        let (status, body) = call(app, "GET", "/stalled", None).await;
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(body["code"], "timeout");
     }
 }

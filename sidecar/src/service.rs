@@ -70,9 +70,11 @@ impl AppState {
     }
 }
 
-/// Serves the API on `listener` until `shutdown` completes; first starts recovering the
-/// sessions an earlier sidecar process left behind (`/readyz` says when that is done), and at
-/// the end cancels the sessions still running, so tracing stops with the sidecar.
+/// Serves the API on `listener` until `shutdown` completes; first makes the process
+/// non-dumpable and starts recovering the sessions an earlier sidecar process left behind
+/// (`/readyz` says when that is done), and at the end (open connections get a bounded grace,
+/// see [`crate::http_server`]) cancels the sessions still running, so tracing stops with the
+/// sidecar.
 ///
 /// # Errors
 /// I/O errors of the listener.
@@ -81,12 +83,19 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    if let Err(e) = crate::hardening::make_non_dumpable() {
+        tracing::warn!("cannot make the sidecar non-dumpable: {e}");
+    }
     let sessions = state.sessions.clone();
     let recovery = sessions.clone();
     tokio::spawn(async move { recovery.recover_orphans().await });
-    let served = axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let served = crate::http_server::serve(
+        listener,
+        app(state),
+        shutdown,
+        crate::http_server::HttpLimits::default(),
+    )
+    .await;
     // Tracing must not outlive the sidecar: stop what still runs.
     sessions.cancel_all().await;
     served

@@ -83,6 +83,8 @@ pub struct Leader {
     /// A leader-side hook raised: stop quickly with this status.
     halt: Option<ExitCode>,
     _folder: Option<crate::runtime_dir::FolderGuard>,
+    /// Reaped workers' folders that still hold results.
+    leftovers: crate::runtime_dir::Leftovers,
 }
 
 impl Leader {
@@ -198,6 +200,7 @@ impl Leader {
             upgrade,
             halt: None,
             _folder: folder,
+            leftovers: Default::default(),
             settings,
         })
     }
@@ -233,6 +236,9 @@ impl Leader {
                 self.begin_stop(false);
                 self.finish_stop();
                 return code;
+            }
+            if let Some(rt) = &self.runtime {
+                self.leftovers.sweep(rt, Instant::now());
             }
             self.check_promoted();
             if let Some(stop) = self.stopping {
@@ -399,7 +405,8 @@ impl Leader {
                 continue;
             };
             if let Some(rt) = &self.runtime {
-                crate::runtime_dir::remove_if_empty(rt, pid.as_raw() as u32);
+                self.leftovers
+                    .reaped(rt, pid.as_raw() as u32, Instant::now());
             }
             let expected = worker.retiring.is_some() || self.stopping.is_some();
             match (code, signal) {

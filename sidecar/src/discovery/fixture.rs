@@ -64,3 +64,28 @@ pub fn fixture() -> tempfile::TempDir {
     .expect("stat");
     dir
 }
+
+/// A fixture with one forkscope-server leader (PID 100) of `app` and its worker in slot 0
+/// (PID 101, PSS 800 kB).
+pub fn one_leader(app: &str) -> tempfile::TempDir {
+    let root = fixture();
+    let r = root.path();
+    proc(
+        r,
+        100,
+        1,
+        'S',
+        1000,
+        &[&format!("forkscope-server: leader [{app}]")],
+    );
+    proc(
+        r,
+        101,
+        100,
+        'S',
+        1100,
+        &[&format!("forkscope-server: worker 0 [{app}]")],
+    );
+    rollup(r, 101, 800);
+    root
+}

@@ -5,6 +5,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use forkscope_sidecar::api::{ErrorBody, ProfileRequest};
+use forkscope_sidecar::paths;
 use forkscope_tests::procs;
 use reqwest::StatusCode;
 
@@ -21,13 +22,18 @@ async fn v1_needs_the_bearer_token_and_health_and_metrics_do_not() {
     let runtime = tempfile::tempdir().expect("runtime");
     let sidecar = Sidecar::start(runtime.path(), &[]);
     let http = reqwest::Client::new();
-    for path in [
-        "/v1/processes",
-        "/v1/profiles",
-        "/v1/openapi.json",
-        "/v1/profiles/x",
-        "/v1/nonexistent",
-    ] {
+    // The guarded routes that answer GET (others answer 405 to a GET before any check).
+    let guarded = [
+        paths::PROCESSES,
+        paths::PROFILES,
+        paths::OPENAPI,
+        paths::PROFILE,
+    ]
+    .iter()
+    .map(|p| paths::with_id(p, "x"))
+    .chain(["/v1/nonexistent".to_owned()]);
+    for path in guarded {
+        let path = path.as_str();
         let resp = http.get(sidecar.url(path)).send().await.expect("get");
         assert_eq!(
             resp.headers().get("www-authenticate").map(|v| v.as_bytes()),
@@ -58,7 +64,7 @@ async fn v1_needs_the_bearer_token_and_health_and_metrics_do_not() {
         .await
         .expect("get");
     assert_eq!(ok.status(), StatusCode::OK);
-    for path in ["/healthz", "/readyz", "/metrics"] {
+    for path in paths::OPEN {
         let resp = http.get(sidecar.url(path)).send().await.expect("get");
         assert_eq!(resp.status(), StatusCode::OK, "{path}");
     }
@@ -202,7 +208,7 @@ async fn openapi_document_is_served_and_lists_every_route() {
     let runtime = tempfile::tempdir().expect("runtime");
     let sidecar = Sidecar::start(runtime.path(), &[]);
     let doc: serde_json::Value = reqwest::Client::new()
-        .get(sidecar.url("/v1/openapi.json"))
+        .get(sidecar.url(paths::OPENAPI))
         .bearer_auth(&sidecar.token)
         .send()
         .await
@@ -212,17 +218,7 @@ async fn openapi_document_is_served_and_lists_every_route() {
         .expect("json");
     assert_eq!(doc["openapi"], "3.0.3");
     let paths = doc["paths"].as_object().expect("paths");
-    for p in [
-        "/v1/processes",
-        "/v1/profiles",
-        "/v1/profiles/{id}",
-        "/v1/leader/reload",
-        "/v1/leader/workers",
-        "/v1/leader/reopen-logs",
-        "/healthz",
-        "/readyz",
-        "/metrics",
-    ] {
+    for p in paths::ALL {
         assert!(paths.contains_key(p), "{p}");
     }
     assert!(doc["components"]["schemas"]["Session"].is_object());

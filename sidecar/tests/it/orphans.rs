@@ -98,7 +98,12 @@ async fn a_sidecar_stopped_with_sigterm_stops_its_sessions_first() {
         }
     })
     .await;
+    // Issue 14: clients that hold connections (idle after a request, or in the middle of their
+    // headers) held the graceful stop, so the sessions were never cancelled.
+    let idle = held_connection(first.addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    let half = held_connection(first.addr, b"GET /healthz HTTP/1.1\r\n");
     assert!(first.terminate().success());
+    drop((idle, half));
     // Nothing is left to recover: the session was cancelled before the exit...
     let second = first.restart(&server.runtime);
     let client = second.client();
@@ -183,4 +188,12 @@ async fn a_journal_naming_a_process_that_is_no_worker_never_gets_it_signalled() 
     );
     let _ = bystander.kill();
     let _ = bystander.wait();
+}
+
+/// A connection that sent `bytes` and then stays open, saying nothing more.
+fn held_connection(addr: std::net::SocketAddr, bytes: &[u8]) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.write_all(bytes).expect("write");
+    s
 }

@@ -137,6 +137,11 @@ impl Sidecar {
         sidecar
     }
 
+    /// The file holding its token.
+    pub fn token_file(&self) -> PathBuf {
+        self._dir.path().join("token")
+    }
+
     /// `http://addr{path}`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
