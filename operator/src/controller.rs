@@ -538,13 +538,28 @@ mod tests {
         let full = split_large_result(&mut status).expect("spilled");
         assert!(size(&status) <= STATUS_BUDGET_BYTES, "{}", size(&status));
         assert!(full.len() <= CONFIG_MAP_BUDGET_BYTES, "{}", full.len());
-        assert_eq!(status.top_sites[0], site(0), "the status keeps the top of the ranking");
-        assert!(status.top_sites.len() > 100, "as many as fit: {}", status.top_sites.len());
-        assert_eq!(status.pods[0].workers.len(), 8, "per-worker detail kept while it fits");
+        assert_eq!(
+            status.top_sites[0],
+            site(0),
+            "the status keeps the top of the ranking"
+        );
+        assert!(
+            status.top_sites.len() > 100,
+            "as many as fit: {}",
+            status.top_sites.len()
+        );
+        assert_eq!(
+            status.pods[0].workers.len(),
+            8,
+            "per-worker detail kept while it fits"
+        );
         let doc: serde_json::Value = serde_json::from_str(&full).expect("JSON");
         assert_eq!(doc["pods"].as_array().map(Vec::len), Some(100));
         let kept = doc["topSites"].as_array().map_or(0, Vec::len);
-        assert!(kept >= status.top_sites.len(), "the ConfigMap has at least the status' sites");
+        assert!(
+            kept >= status.top_sites.len(),
+            "the ConfigMap has at least the status' sites"
+        );
         assert_eq!(doc["topSites"][0]["site"], site(0).site);
     }
 }
