@@ -12,7 +12,7 @@
 //! let client = cluster::client().await?;
 //! let ns = cluster::test_namespace(&client, "demo").await?;
 //! let pods = node::run_example_app(&client, &ns).await?; // examples/app.yaml, Ready
-//! let sidecar = node::sidecar(&pods[0], node::EXAMPLE_TOKEN)?;
+//! let sidecar = node::sidecar(&pods[0], &node::operator_token(&client).await?)?;
 //! # Ok(()) }
 //! ```
 
@@ -40,8 +40,34 @@ pub const OPERATOR_IMAGE: &str = "docker.io/local/forkscope-operator:dev";
 /// Plain gunicorn on Python 3.11 (`e2e/images/gunicorn.Dockerfile`), for the tests only.
 pub const GUNICORN_IMAGE: &str = "docker.io/local/gunicorn-e2e:dev";
 
-/// The sidecar token of `examples/app.yaml` (its Secret `forkscope-sidecar-token`).
-pub const EXAMPLE_TOKEN: &str = "example-token-change-me";
+/// The namespace and ServiceAccount the sidecars of `examples/app.yaml` accept tokens of: the
+/// operator as `helm install forkscope charts/forkscope -n forkscope` runs it.
+pub const OPERATOR_ACCOUNT: (&str, &str) = ("forkscope", "forkscope-operator");
+
+/// A token the sidecars of `examples/app.yaml` accept: the operator's ServiceAccount's, for the
+/// audience `forkscope-sidecar`, from the TokenRequest API (what the operator itself sends).
+///
+/// # Errors
+/// The apiserver's error (e.g. the chart is not installed, so the account does not exist).
+pub async fn operator_token(client: &Client) -> Result<String> {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let (namespace, name) = OPERATOR_ACCOUNT;
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec!["forkscope-sidecar".to_owned()],
+            expiration_seconds: Some(600),
+            bound_object_ref: None,
+        },
+        ..TokenRequest::default()
+    };
+    Ok(Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+        .create_token_request(name, &kube::api::PostParams::default(), &request)
+        .await?
+        .status
+        .map(|s| s.token)
+        .unwrap_or_default())
+}
 
 /// How long pods may take to become Ready: image unpacking and probes on two busy cores.
 pub const POD_TIMEOUT: Duration = Duration::from_secs(240);
@@ -257,8 +283,9 @@ pub async fn exec(namespace: &str, pod: &str, container: &str, command: &[&str])
 }
 
 /// Runs the example application (`examples/app.yaml`: Deployment `web`, two replicas of
-/// forkscope-server + sidecar, label `app: web`, sidecar port `forkscope`, token
-/// [`EXAMPLE_TOKEN`]) in `namespace` and returns its two pods once they are Ready.
+/// forkscope-server + sidecar, label `app: web`, sidecar port `forkscope`,
+/// Kubernetes-native auth accepting [`OPERATOR_ACCOUNT`]) in `namespace` and returns its two
+/// pods once they are Ready.
 ///
 /// # Errors
 /// [`Error::Missing`] when the images are not on the node; kubectl's or the apiserver's error;

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use forkscope_e2e::{cluster, node, wait};
-use forkscope_sidecar::api::{LeaderView, ProcessList, ProfileRequest, ServerKind, SessionState};
+use forkscope_operator::crd::{Phase, ProfileRequest};
+use forkscope_sidecar::api::{LeaderView, ProcessList, ServerKind, SessionState};
 use k8s_openapi::api::core::v1::Pod;
 
 /// The line of `examples/leaky_app.py` that allocates what the app leaks (1-based).
@@ -178,11 +179,63 @@ fn the_example_configmap_holds_examples_leaky_app_py() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `helm ARGS`, which must succeed; its output.
+async fn helm(args: &[&str]) -> anyhow::Result<String> {
+    let helm = std::env::var_os("FORKSCOPE_HELM")
+        .context("FORKSCOPE_HELM: run through e2e/with-controlplane")?;
+    let out = cluster::run_tool(&helm, args).await?;
+    ensure!(
+        out.status.success(),
+        "helm {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The user's whole flow on the real node, as the README tells it: `helm install` of the chart
+/// (the operator Ready in real pods), `kubectl apply -f examples/app.yaml` (pods Ready through
+/// real probes; each sidecar sees its workers, exports their PSS, profiles, follows a killed
+/// worker's replacement), `kubectl apply -f examples/profilerequest.yaml` (→ `Succeeded` with
+/// the leak line as top site, events in `kubectl describe`), then `helm uninstall`, which
+/// leaves only what the user created.
 #[tokio::test]
-async fn the_example_app_runs_in_real_pods_and_its_sidecars_see_the_workers() -> anyhow::Result<()>
-{
+async fn the_users_whole_flow_on_the_real_node() -> anyhow::Result<()> {
     let client = cluster::client().await?;
     let ns = cluster::test_namespace(&client, "app").await?;
+    node::require_images(&client, &[node::OPERATOR_IMAGE]).await?;
+    let (release_ns, _) = node::OPERATOR_ACCOUNT;
+    let chart = cluster::repo_path("charts/forkscope").display().to_string();
+    let (repository, tag) = node::OPERATOR_IMAGE
+        .rsplit_once(':')
+        .context("image with a tag")?;
+    // Local images only, and this test's namespace only: other tests run their own operators.
+    let install = helm(&[
+        "install",
+        "forkscope",
+        &chart,
+        "--namespace",
+        release_ns,
+        "--create-namespace",
+        "--set",
+        &format!("operator.image.repository={repository}"),
+        "--set",
+        &format!("operator.image.tag={tag}"),
+        "--set",
+        "operator.image.pullPolicy=Never",
+        "--set",
+        &format!("operator.watchNamespace={ns}"),
+        "--wait",
+        "--timeout",
+        "5m",
+    ])
+    .await?;
+    ensure!(
+        install.contains("kubectl apply -f examples/profilerequest.yaml"),
+        "{install}"
+    );
+    let token = node::operator_token(&client).await?;
+
     let pods = node::run_example_app(&client, &ns).await?;
     ensure!(pods.len() == 2, "two replicas: {pods:?}");
     let node_name = node::name()?;
@@ -198,7 +251,7 @@ async fn the_example_app_runs_in_real_pods_and_its_sidecars_see_the_workers() ->
             spec.node_name.as_deref() == Some(node_name.as_str()),
             "{spec:?}"
         );
-        let sidecar = node::sidecar(pod, node::EXAMPLE_TOKEN)?;
+        let sidecar = node::sidecar(pod, &token)?;
         let list = wait_for_workers(&sidecar, ServerKind::Forkscope, 2).await?;
         let leader = only_leader(&list, ServerKind::Forkscope, 2)?;
         ensure!(leader.app == "leaky_app:app", "{leader:?}");
@@ -235,9 +288,9 @@ async fn the_example_app_runs_in_real_pods_and_its_sidecars_see_the_workers() ->
     );
 
     // A heap diff through the first pod's sidecar names the leak line.
-    let (pod, sidecar) = (&pods[0], node::sidecar(&pods[0], node::EXAMPLE_TOKEN)?);
+    let (pod, sidecar) = (&pods[0], node::sidecar(&pods[0], &token)?);
     let session = sidecar
-        .start_profile(&ProfileRequest::heap_diff(None))
+        .start_profile(&forkscope_sidecar::api::ProfileRequest::heap_diff(None))
         .await?;
     wait::until("the session traces", node::POD_TIMEOUT, || async {
         let state = sidecar.profile(&session.id).await.map_err(tool)?.state;
@@ -280,7 +333,7 @@ async fn the_example_app_runs_in_real_pods_and_its_sidecars_see_the_workers() ->
 
     // A worker killed inside the other pod (by the server image's Python, as the pod's user)
     // is replaced in its slot, and the metrics follow the new process.
-    let (pod, sidecar) = (&pods[1], node::sidecar(&pods[1], node::EXAMPLE_TOKEN)?);
+    let (pod, sidecar) = (&pods[1], node::sidecar(&pods[1], &token)?);
     let before = sidecar.processes().await?;
     let victim = only_leader(&before, ServerKind::Forkscope, 2)?
         .workers
@@ -346,7 +399,122 @@ async fn the_example_app_runs_in_real_pods_and_its_sidecars_see_the_workers() ->
         .map(|c| c.restart_count)
         .sum();
     ensure!(restarts == 0, "no container restarted");
+
+    // The README's ProfileRequest, reconciled by the chart's operator in its pod: heap diffs
+    // of both pods' workers while traffic leaks, ranked across them.
+    node::kubectl_ok([
+        "apply",
+        "-n",
+        &ns,
+        "-f",
+        &cluster::repo_path("examples/profilerequest.yaml")
+            .display()
+            .to_string(),
+    ])
+    .await?;
+    let requests = kube::Api::<ProfileRequest>::namespaced(client.clone(), &ns);
+    let running = |pr: &ProfileRequest| {
+        pr.status.as_ref().is_some_and(|s| {
+            s.phase.is_some_and(|p| p.is_finished())
+                || (!s.pods.is_empty() && s.pods.iter().all(|p| p.session_id.is_some()))
+        })
+    };
+    let started = wait::until(
+        "the operator starts the sessions",
+        node::POD_TIMEOUT,
+        || async { Ok(running(&requests.get("web-heap-diff").await?).then_some(())) },
+    )
+    .await;
+    with_operator_log(started, release_ns).await?;
+    for pod in &pods {
+        let leak = format!("{}leak?n=5", node::pod_url(pod, "http")?);
+        for _ in 0..20 {
+            let response = http.get(&leak).send().await?;
+            ensure!(response.status().is_success(), "{response:?}");
+        }
+    }
+    let done = wait::until(
+        "web-heap-diff finishes",
+        Duration::from_secs(300),
+        || async {
+            let pr = requests.get("web-heap-diff").await?;
+            Ok(pr
+                .status
+                .as_ref()
+                .and_then(|s| s.phase)
+                .filter(|p| p.is_finished())
+                .map(|_| pr))
+        },
+    )
+    .await;
+    let done = with_operator_log(done, release_ns).await?;
+    let status = done.status.unwrap_or_default();
+    ensure!(status.phase == Some(Phase::Succeeded), "{status:#?}");
+    let site = format!("leaky_app.py:{}", leak_line()?);
+    ensure!(
+        status
+            .top_site
+            .as_deref()
+            .is_some_and(|s| s.ends_with(&site)),
+        "top site {:?}, want {site}: {status:#?}",
+        status.top_site
+    );
+    let table = node::kubectl_ok(["get", "profilerequests", "-n", &ns]).await?;
+    ensure!(
+        table.contains("Succeeded") && table.contains(&site),
+        "{table}"
+    );
+    let described =
+        node::kubectl_ok(["describe", "profilerequest", "web-heap-diff", "-n", &ns]).await?;
+    ensure!(
+        described.contains("Started") && described.contains("Completed"),
+        "{described}"
+    );
+
+    // helm uninstall takes the operator away and leaves what the user created.
+    helm(&[
+        "uninstall",
+        "forkscope",
+        "--namespace",
+        release_ns,
+        "--wait",
+    ])
+    .await?;
+    let operators =
+        kube::Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), release_ns);
+    ensure!(
+        operators.get_opt("forkscope-operator").await?.is_none(),
+        "the operator is gone"
+    );
+    ensure!(
+        requests.get_opt("web-heap-diff").await?.is_some(),
+        "the user's request stays"
+    );
+    let apps = kube::Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), &ns);
+    ensure!(apps.get_opt("web").await?.is_some(), "the user's app stays");
     Ok(())
+}
+
+/// A wait that failed, with the chart's operator's log attached (what it did and why not).
+async fn with_operator_log<T>(
+    result: forkscope_e2e::Result<T>,
+    namespace: &str,
+) -> anyhow::Result<T> {
+    match result {
+        Ok(value) => Ok(value),
+        Err(e) => {
+            let log = node::kubectl_ok([
+                "logs",
+                "-n",
+                namespace,
+                "deployment/forkscope-operator",
+                "--tail=100",
+            ])
+            .await
+            .unwrap_or_else(|e| format!("(no operator log: {e})"));
+            Err(anyhow::Error::from(e).context(format!("operator log:\n{log}")))
+        }
+    }
 }
 
 #[tokio::test]
