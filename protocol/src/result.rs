@@ -37,6 +37,11 @@ pub struct ProcessInfo {
 }
 
 /// A worker's answer to one command: `results/{request_id}.{action}.json`.
+/// The largest result file a worker writes and a reader accepts, bytes. A heap diff that would
+/// be larger (many sites with deep tracebacks) keeps its highest-ranked sites that fit
+/// ([`CommandResult::fit`]), so a valid request never produces a result nobody can read.
+pub const MAX_RESULT_BYTES: u64 = 32 * 1024 * 1024;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct CommandResult {
     /// Format version, [`crate::FORMAT_VERSION`].
@@ -90,7 +95,7 @@ pub enum Outcome {
 }
 
 /// A tracemalloc snapshot diff (after − before) of one worker.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct HeapDiff {
     /// Traceback depth that was recorded.
     pub frames: u32,
@@ -175,5 +180,130 @@ impl Frame {
     /// `file:line`, the key reports use to name a site.
     pub fn location(&self) -> String {
         format!("{}:{}", self.filename, self.lineno)
+    }
+}
+
+impl CommandResult {
+    /// Drops the lowest-ranked sites of a heap diff until its JSON (as
+    /// [`crate::write_json_atomic`] writes it) fits in `limit` bytes; returns how many were
+    /// dropped (`total_sites` still counts every site). Other outcomes are left as they are.
+    pub fn fit(&mut self, limit: u64) -> usize {
+        let Outcome::HeapDiff(diff) = &mut self.outcome else {
+            return 0;
+        };
+        let sites = std::mem::take(&mut diff.sites);
+        let base = json_len(&*self);
+        let mut total = base;
+        let mut keep = 0;
+        for (i, site) in sites.iter().enumerate() {
+            // Sites after the first are preceded by a comma.
+            let add = json_len(site) + u64::from(i > 0);
+            if total + add > limit {
+                break;
+            }
+            total += add;
+            keep = i + 1;
+        }
+        let dropped = sites.len() - keep;
+        if let Outcome::HeapDiff(diff) = &mut self.outcome {
+            diff.sites = sites;
+            diff.sites.truncate(keep);
+        }
+        dropped
+    }
+}
+
+/// The length of `value`'s compact JSON, counted without keeping the bytes.
+fn json_len<T: Serialize>(value: &T) -> u64 {
+    struct Counter(u64);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len() as u64;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    let _ = serde_json::to_writer(&mut counter, value);
+    counter.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(sites: usize, frames: usize) -> CommandResult {
+        let site = |i: usize| SiteDiff {
+            traceback: (0..frames)
+                .map(|f| Frame {
+                    filename: format!("/srv/app/module_{i}/file_{f}.py"),
+                    lineno: f as u32,
+                    function: Some("handler".into()),
+                })
+                .collect(),
+            size_before: 0,
+            size_after: 1000,
+            size_diff: 1000 - i as i64,
+            count_before: 0,
+            count_after: 1,
+            count_diff: 1,
+        };
+        CommandResult {
+            version: crate::FORMAT_VERSION,
+            request_id: "r".into(),
+            action: Action::Capture,
+            pid: 1,
+            slot: 0,
+            started_at: 0.0,
+            finished_at: 0.0,
+            outcome: Outcome::HeapDiff(HeapDiff {
+                frames: frames as u32,
+                group_by: GroupBy::Traceback,
+                total_sites: sites as u64,
+                sites: (0..sites).map(site).collect(),
+                ..HeapDiff::default()
+            }),
+        }
+    }
+
+    fn sites(r: &CommandResult) -> &[SiteDiff] {
+        match &r.outcome {
+            Outcome::HeapDiff(d) => &d.sites,
+            _ => &[],
+        }
+    }
+
+    /// Issue 14: a valid request (top 10000, 100 frames) could produce a result larger than
+    /// readers accept, and it was lost whole.
+    #[test]
+    fn an_oversized_diff_keeps_the_top_sites_that_fit_exactly() {
+        let mut r = result(200, 20);
+        let whole = serde_json::to_vec(&r).expect("json").len() as u64;
+        let limit = whole / 3;
+        let dropped = r.fit(limit);
+        let kept = sites(&r).len();
+        assert_eq!(kept + dropped, 200);
+        assert!(dropped > 0 && kept > 0);
+        let bytes = serde_json::to_vec(&r).expect("json").len() as u64;
+        assert!(bytes <= limit, "{bytes} > {limit}");
+        // Maximal: one more site would not fit.
+        let mut more = result(200, 20);
+        if let Outcome::HeapDiff(d) = &mut more.outcome {
+            d.sites.truncate(kept + 1);
+        }
+        assert!(serde_json::to_vec(&more).expect("json").len() as u64 > limit);
+        // The highest-ranked ones stay, and the count of all sites is kept.
+        assert_eq!(sites(&r)[0].size_diff, 1000);
+        assert!(matches!(&r.outcome, Outcome::HeapDiff(d) if d.total_sites == 200));
+    }
+
+    #[test]
+    fn a_diff_that_fits_is_untouched() {
+        let mut r = result(10, 3);
+        let before = r.clone();
+        assert_eq!(r.fit(MAX_RESULT_BYTES), 0);
+        assert_eq!(r, before);
     }
 }

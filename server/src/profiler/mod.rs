@@ -470,7 +470,7 @@ impl Worker {
         let ctx = &self.ctx;
         let summary = summary(&outcome);
         let failed = matches!(outcome, Outcome::Error { .. });
-        let result = CommandResult {
+        let mut result = CommandResult {
             version: FORMAT_VERSION,
             request_id: request_id.to_owned(),
             action,
@@ -480,6 +480,13 @@ impl Worker {
             finished_at: ids::unix_now(),
             outcome,
         };
+        let dropped = result.fit(forkscope_protocol::result::MAX_RESULT_BYTES);
+        if dropped > 0 {
+            log::warn!(
+                "profiler: the heap diff is larger than {} bytes: its {dropped} lowest-ranked sites are left out",
+                forkscope_protocol::result::MAX_RESULT_BYTES
+            );
+        }
         let path = ctx.runtime.result(ctx.pid, request_id, action);
         let _ = std::fs::create_dir_all(ctx.runtime.results_dir(ctx.pid));
         match write_json_atomic(&path, &result) {

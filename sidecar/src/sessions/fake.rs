@@ -6,9 +6,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use forkscope_protocol::{
-    Action, Command, CommandResult, FORMAT_VERSION, GroupBy, HeapDiff, Outcome, TracedMemory,
-};
+use forkscope_protocol::{Action, Command, CommandResult, FORMAT_VERSION, HeapDiff, Outcome};
 use tokio::time::Instant;
 
 use super::select::{Candidate, LeaderCandidates};
@@ -125,17 +123,8 @@ impl FakeWorker {
 fn diff() -> HeapDiff {
     HeapDiff {
         frames: 1,
-        group_by: GroupBy::Traceback,
-        baseline_at: 0.0,
-        captured_at: 0.0,
-        traced_before: TracedMemory::default(),
-        traced_after: TracedMemory::default(),
-        tracemalloc_overhead_bytes: 0,
-        pss_before_bytes: None,
-        pss_after_bytes: None,
         total_size_diff: 100,
-        total_sites: 0,
-        sites: vec![],
+        ..HeapDiff::default()
     }
 }
 

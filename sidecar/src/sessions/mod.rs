@@ -44,9 +44,9 @@ use journal::{Journal, JournalEntry};
 use table::{Control, Retention, Table};
 use workers::{ProcWorkers, Workers};
 
-/// The largest result file the sidecar reads (a heap diff of 10000 sites with deep tracebacks
-/// fits comfortably).
-pub const MAX_RESULT_BYTES: u64 = 32 * 1024 * 1024;
+/// The largest result file the sidecar reads: the protocol's bound, which the server keeps
+/// every result within (a heap diff too large keeps its highest-ranked sites that fit).
+pub const MAX_RESULT_BYTES: u64 = forkscope_protocol::result::MAX_RESULT_BYTES;
 
 /// Tunables of the session manager.
 #[derive(Debug, Clone)]
