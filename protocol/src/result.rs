@@ -36,12 +36,12 @@ pub struct ProcessInfo {
     pub started_at: f64,
 }
 
-/// A worker's answer to one command: `results/{request_id}.{action}.json`.
 /// The largest result file a worker writes and a reader accepts, bytes. A heap diff that would
 /// be larger (many sites with deep tracebacks) keeps its highest-ranked sites that fit
 /// ([`CommandResult::fit`]), so a valid request never produces a result nobody can read.
 pub const MAX_RESULT_BYTES: u64 = 32 * 1024 * 1024;
 
+/// A worker's answer to one command: `results/{request_id}.{action}.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct CommandResult {
     /// Format version, [`crate::FORMAT_VERSION`].

@@ -230,14 +230,27 @@ async fn reload(
     State(state): State<AppState>,
     JsonBody(sel): JsonBody<LeaderSelector>,
 ) -> Result<Json<LeaderActionResult>, ApiError> {
-    leader::signal_once(&state.source, sel.leader_pid, Signal::Hup).map(Json)
+    signal_leader(&state, sel, Signal::Hup).await
 }
 
 async fn reopen_logs(
     State(state): State<AppState>,
     JsonBody(sel): JsonBody<LeaderSelector>,
 ) -> Result<Json<LeaderActionResult>, ApiError> {
-    leader::signal_once(&state.source, sel.leader_pid, Signal::Usr1).map(Json)
+    signal_leader(&state, sel, Signal::Usr1).await
+}
+
+/// One signal to a leader, its `/proc` scan on the blocking pool.
+async fn signal_leader(
+    state: &AppState,
+    sel: LeaderSelector,
+    signal: Signal,
+) -> Result<Json<LeaderActionResult>, ApiError> {
+    let source = state.source.clone();
+    tokio::task::spawn_blocking(move || leader::signal_once(&source, sel.leader_pid, signal))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map(Json)
 }
 
 async fn scale(
