@@ -106,6 +106,29 @@ pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, FileError> {
     Ok(bytes)
 }
 
+/// True when `path` is a directory itself, not a symlink to one (or anything else).
+pub fn is_real_dir(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_dir())
+}
+
+/// Makes `path` a real directory: creates it (its parent must exist) unless it already is one;
+/// refuses a symlink or any other file planted there, so nothing written below it can be
+/// redirected.
+///
+/// # Errors
+/// [`FileError::NotRegular`] for something else at `path`; [`FileError::Io`] when it cannot be
+/// created.
+pub fn ensure_real_dir(path: &Path) -> Result<(), FileError> {
+    match fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && is_real_dir(path) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(FileError::NotRegular {
+            path: path.to_owned(),
+        }),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
 /// Creates a new temporary file next to `path`, under a name no one else has used: an entry
 /// already there (planted, or left by a crash) is skipped, never opened.
 fn create_temp(path: &Path) -> Result<(PathBuf, File), FileError> {
@@ -254,5 +277,23 @@ mod tests {
         assert_eq!(fs::read(&victim).expect("victim"), b"precious");
         let back: Command = read_json_limited(&target, 1024).expect("read");
         assert_eq!(back.action, Action::Stop);
+    }
+
+    #[test]
+    fn a_planted_symlink_is_not_taken_for_a_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let elsewhere = dir.path().join("elsewhere");
+        fs::create_dir(&elsewhere).expect("mkdir");
+        let link = dir.path().join("sidecar");
+        std::os::unix::fs::symlink(&elsewhere, &link).expect("symlink");
+        assert!(!is_real_dir(&link));
+        assert!(matches!(
+            ensure_real_dir(&link),
+            Err(FileError::NotRegular { .. })
+        ));
+        let real = dir.path().join("real");
+        ensure_real_dir(&real).expect("created");
+        ensure_real_dir(&real).expect("already there");
+        assert!(is_real_dir(&real));
     }
 }

@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 
+use forkscope_protocol::files::{ensure_real_dir, is_real_dir};
 use forkscope_protocol::{read_json_limited, write_json_atomic};
 use serde::{Deserialize, Serialize};
 
@@ -50,7 +51,12 @@ impl Journal {
     pub(crate) async fn write(&self, entry: JournalEntry) -> Result<(), String> {
         let dir = self.dir.clone();
         tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+            // `{runtime}/sidecar/sessions`, each a real directory: the application shares the
+            // runtime directory and could plant a symlink to redirect the journal.
+            if let Some(parent) = dir.parent() {
+                ensure_real_dir(parent).map_err(|e| e.to_string())?;
+            }
+            ensure_real_dir(&dir).map_err(|e| e.to_string())?;
             write_json_atomic(&Self::path(&dir, &entry.id), &entry).map_err(|e| e.to_string())
         })
         .await
@@ -67,6 +73,9 @@ impl Journal {
     pub(crate) async fn entries(&self) -> Vec<JournalEntry> {
         let dir = self.dir.clone();
         tokio::task::spawn_blocking(move || {
+            if !dir.parent().is_some_and(is_real_dir) || !is_real_dir(&dir) {
+                return Vec::new();
+            }
             let Ok(listing) = std::fs::read_dir(&dir) else {
                 return Vec::new();
             };
@@ -91,5 +100,48 @@ impl Journal {
         })
         .await
         .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str) -> JournalEntry {
+        JournalEntry {
+            id: id.into(),
+            leader_pid: 1,
+            created_at: 0.0,
+            request: serde_json::from_str("{}").expect("request"),
+            workers: vec![(10, 1, Some(0))],
+        }
+    }
+
+    #[tokio::test]
+    async fn entries_round_trip_and_a_planted_symlink_redirects_nothing() {
+        let runtime = tempfile::tempdir().expect("runtime");
+        let journal = Journal::new(runtime.path().join("sidecar").join("sessions"));
+        journal.write(entry("fs-1")).await.expect("write");
+        let back = journal.entries().await;
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].id, "fs-1");
+        journal.remove("fs-1").await;
+        assert!(journal.entries().await.is_empty());
+
+        // The application plants `sidecar -> elsewhere` in a fresh runtime directory.
+        let runtime = tempfile::tempdir().expect("runtime");
+        let elsewhere = tempfile::tempdir().expect("elsewhere");
+        std::os::unix::fs::symlink(elsewhere.path(), runtime.path().join("sidecar"))
+            .expect("symlink");
+        std::fs::create_dir(elsewhere.path().join("sessions")).expect("mkdir");
+        let journal = Journal::new(runtime.path().join("sidecar").join("sessions"));
+        journal.write(entry("fs-2")).await.expect_err("refused");
+        assert_eq!(
+            std::fs::read_dir(elsewhere.path().join("sessions"))
+                .expect("list")
+                .count(),
+            0
+        );
+        assert!(journal.entries().await.is_empty());
     }
 }

@@ -7,6 +7,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
+use forkscope_protocol::files::is_real_dir;
 use forkscope_protocol::{Action, Command, CommandResult, FileError, RuntimeDir};
 
 use super::MAX_RESULT_BYTES;
@@ -145,6 +146,14 @@ impl Workers for ProcWorkers {
             if !dir.is_dir() {
                 return Err(format!(
                     "{} does not exist: is the runtime directory shared with the server (same --runtime-dir)?",
+                    dir.display()
+                ));
+            }
+            // The folders are the worker's (the application's): a symlink there would send the
+            // command, and the results read back, somewhere else.
+            if !is_real_dir(&dir) || !is_real_dir(&runtime.results_dir(key.pid)) {
+                return Err(format!(
+                    "{} or its results folder is not a real directory",
                     dir.display()
                 ));
             }
