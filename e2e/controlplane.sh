@@ -609,7 +609,9 @@ cmd_start() {  # DIR
   # Holding the lock, a bridge left over is a crashed run's.
   if ip link show "$BRIDGE" >/dev/null 2>&1; then
     log "warning: removing $BRIDGE left over by an earlier run"
-    ip link delete "$BRIDGE"
+    # The run that left it may be deleting it right now: gone is as good as deleted.
+    ip link delete "$BRIDGE" 2>/dev/null || ! ip link show "$BRIDGE" >/dev/null 2>&1 ||
+      die "cannot delete the bridge $BRIDGE left over by an earlier run"
   fi
   mkdir -p "$dir/host"
   save_host_state "$dir"

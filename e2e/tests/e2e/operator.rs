@@ -393,7 +393,7 @@ async fn stacks_and_worker_selection() -> anyhow::Result<()> {
         &api,
         dir.path(),
         "top-worker",
-        "selector:\n  matchLabels:\n    app: web\nduration: 2s\nworkers:\n  topByPss: 1\n",
+        "selector:\n  matchLabels:\n    app: web\nduration: 2s\nworkers:\n  topByPss: 1\nttlSecondsAfterFinished: 2\n",
         || context(&pods, &op),
     )
     .await?;
@@ -402,6 +402,16 @@ async fn stacks_and_worker_selection() -> anyhow::Result<()> {
         status.pods.iter().all(|p| p.workers.len() == 1),
         "{:?}",
         status.pods
+    );
+    // ttlSecondsAfterFinished: the operator deletes the finished request.
+    until("top-worker deleted after its TTL", FINISH, || async {
+        Ok(api.get_opt("top-worker").await?.is_none().then_some(()))
+    })
+    .await
+    .with_context(|| context(&pods, &op))?;
+    ensure!(
+        api.get_opt("stacks").await?.is_some(),
+        "a request without a TTL stays"
     );
     Ok(())
 }
