@@ -122,7 +122,7 @@ async fn example_manifest_applies_and_lists_with_its_columns() -> anyhow::Result
     let requests = Api::<ProfileRequest>::namespaced(client.clone(), &ns);
     let request = requests.get("web-heap-diff").await?;
     assert_eq!(request.spec.kind, ProfileKind::HeapDiff);
-    assert_eq!(request.spec.duration, "2m");
+    assert_eq!(request.spec.duration, "30s");
     assert_eq!(request.spec.workers.top_by_pss, Some(2));
     assert_eq!(
         request.spec.sidecar_port,
