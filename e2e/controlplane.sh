@@ -446,10 +446,17 @@ start_containerd() {  # DIR
     http_proxy="$PULL_PROXY" https_proxy="$PULL_PROXY" NO_PROXY= no_proxy= \
     containerd --config "$dir/containerd/config.toml"
   wait_for "$dir" containerd 30 ctr_node "$dir" version
-  local images=("$(pause_image)")
-  [[ -d $IMAGES ]] && images+=("$IMAGES"/*_*.tar)
-  [[ -e ${images[-1]} ]] || unset 'images[-1]'
+  # Import from links taken now: scripts/images (another checkout's, say) may replace an
+  # archive while ctr reads it, and ctr opens it more than once. A link keeps this version.
+  local images=() tar
+  mkdir -p "$dir/images"
+  for tar in "$(pause_image)" "$IMAGES"/*_*.tar; do
+    [[ -e $tar ]] || continue
+    ln -f "$tar" "$dir/images/" 2>/dev/null || cp "$tar" "$dir/images/"
+    images+=("$dir/images/$(basename "$tar")")
+  done
   import_images "$dir" "${images[@]}"
+  rm -rf "$dir/images"
 }
 
 start_kubelet() {  # DIR
