@@ -218,6 +218,26 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Every phase, in life-cycle order.
+    pub const ALL: [Phase; 5] = [
+        Phase::Pending,
+        Phase::Running,
+        Phase::Succeeded,
+        Phase::PartiallySucceeded,
+        Phase::Failed,
+    ];
+
+    /// The name in the status and in metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Running => "Running",
+            Phase::Succeeded => "Succeeded",
+            Phase::PartiallySucceeded => "PartiallySucceeded",
+            Phase::Failed => "Failed",
+        }
+    }
+
     /// Whether the request has finished (its `ttlSecondsAfterFinished` clock runs).
     pub fn is_finished(self) -> bool {
         matches!(

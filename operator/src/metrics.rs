@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::crd::Phase;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
@@ -22,15 +23,6 @@ struct Inner {
     sidecar_calls: IntCounterVec,
     sidecar_seconds: HistogramVec,
 }
-
-/// Every phase label of `forkscope_operator_requests`, so each series exists from the start.
-pub const PHASES: [&str; 5] = [
-    "Pending",
-    "Running",
-    "Succeeded",
-    "PartiallySucceeded",
-    "Failed",
-];
 
 impl Metrics {
     /// Registers every metric in a fresh registry.
@@ -100,8 +92,9 @@ impl Metrics {
         ] {
             registry.register(c).expect("unique metric names");
         }
-        for phase in PHASES {
-            requests.with_label_values(&[phase]).set(0);
+        // Every phase's series exists from the start.
+        for phase in Phase::ALL {
+            requests.with_label_values(&[phase.as_str()]).set(0);
         }
         Self {
             inner: Arc::new(Inner {
@@ -143,11 +136,19 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    /// Sets the number of requests per phase (every phase, zeros included).
-    pub fn set_requests(&self, counts: &[(&str, i64)]) {
-        for phase in PHASES {
-            let n = counts.iter().find(|(p, _)| *p == phase).map_or(0, |c| c.1);
-            self.inner.requests.with_label_values(&[phase]).set(n);
+    /// Sets the number of requests per phase from every request's phase (zeros included).
+    pub fn set_requests(&self, phases: impl IntoIterator<Item = Phase>) {
+        let mut counts = [0i64; Phase::ALL.len()];
+        for phase in phases {
+            if let Some(i) = Phase::ALL.iter().position(|p| *p == phase) {
+                counts[i] += 1;
+            }
+        }
+        for (phase, n) in Phase::ALL.iter().zip(counts) {
+            self.inner
+                .requests
+                .with_label_values(&[phase.as_str()])
+                .set(n);
         }
     }
 

@@ -170,6 +170,12 @@ fn expected_seconds(spec: &ProfileRequestSpec) -> f64 {
     }
 }
 
+/// Fails `pod` and returns the event that says so.
+fn failed(pod: &mut PodOutcome, reason: &str, message: String) -> Option<Note> {
+    fail(pod, reason, message);
+    note_failed(pod)
+}
+
 fn fail(pod: &mut PodOutcome, reason: &str, message: String) {
     pod.phase = PodPhase::Failed;
     pod.reason = Some(reason.to_owned());
@@ -321,16 +327,14 @@ async fn collect_into<S: Sidecars>(
     collected: &mut Option<(String, Session)>,
 ) -> Option<Note> {
     if !present(pod, pods) {
-        fail(
+        return failed(
             pod,
             "PodGone",
             "the pod was deleted or replaced during the profile".into(),
         );
-        return note_failed(pod);
     }
     let (Some(addr), Some(id)) = (pod.sidecar.clone(), pod.session_id.clone()) else {
-        fail(pod, "Internal", "running without a session id".into());
-        return note_failed(pod);
+        return failed(pod, "Internal", "running without a session id".into());
     };
     let age = pod
         .start_time
@@ -351,34 +355,24 @@ async fn collect_into<S: Sidecars>(
         }
         Ok(_) if overdue => {
             let _ = sidecars.cancel(&addr, &id).await;
-            fail(
+            failed(
                 pod,
                 "ResultTimeout",
                 format!(
                     "session {id} delivered no result within {:.0}s of its end",
                     t.collect_grace.as_secs_f64()
                 ),
-            );
-            note_failed(pod)
+            )
         }
         Ok(_) => None,
-        Err(CallError::NotFound) => {
-            fail(
-                pod,
-                "SessionLost",
-                format!("the sidecar no longer knows session {id} (it restarted or expired it)"),
-            );
-            note_failed(pod)
-        }
-        Err(CallError::Unreachable(e)) if overdue => {
-            fail(pod, "SidecarUnreachable", e);
-            note_failed(pod)
-        }
+        Err(CallError::NotFound) => failed(
+            pod,
+            "SessionLost",
+            format!("the sidecar no longer knows session {id} (it restarted or expired it)"),
+        ),
+        Err(CallError::Unreachable(e)) if overdue => failed(pod, "SidecarUnreachable", e),
         Err(CallError::Unreachable(_) | CallError::Busy { .. }) => None,
-        Err(e) => {
-            fail(pod, "SidecarError", e.to_string());
-            note_failed(pod)
-        }
+        Err(e) => failed(pod, "SidecarError", e.to_string()),
     }
 }
 
@@ -406,16 +400,14 @@ async fn start<S: Sidecars>(
     t: &Tunables,
 ) -> Option<Note> {
     if !present(pod, pods) {
-        fail(
+        return failed(
             pod,
             "PodGone",
             "the pod was deleted or replaced before its turn".into(),
         );
-        return note_failed(pod);
     }
     let Some(addr) = pod.sidecar.clone() else {
-        fail(pod, "Internal", "pending without a sidecar address".into());
-        return note_failed(pod);
+        return failed(pod, "Internal", "pending without a sidecar address".into());
     };
     // A session this request started earlier (an operator that stopped between starting it and
     // recording it) is adopted: never a second profile on the same pod.
@@ -436,8 +428,7 @@ async fn start<S: Sidecars>(
             }
         }
         Err(CallError::Unreachable(e)) => {
-            fail(pod, "SidecarUnreachable", e);
-            return note_failed(pod);
+            return failed(pod, "SidecarUnreachable", e);
         }
         Err(_) => {}
     }
@@ -452,7 +443,7 @@ async fn start<S: Sidecars>(
             pod.busy_retries = Some(pod.busy_retries.unwrap_or(0) + 1);
             let waited = request_start.map_or(0.0, |s| seconds_since(now, s));
             if waited >= t.busy_wait.as_secs_f64() {
-                fail(
+                return failed(
                     pod,
                     "WorkerBusy",
                     format!(
@@ -460,22 +451,14 @@ async fn start<S: Sidecars>(
                         t.busy_wait.as_secs_f64()
                     ),
                 );
-                return note_failed(pod);
             }
             None
         }
-        Err(CallError::Unreachable(e)) => {
-            fail(pod, "SidecarUnreachable", e);
-            note_failed(pod)
-        }
+        Err(CallError::Unreachable(e)) => failed(pod, "SidecarUnreachable", e),
         Err(CallError::Rejected { status, reason }) => {
-            fail(pod, "SidecarRejected", format!("HTTP {status}: {reason}"));
-            note_failed(pod)
+            failed(pod, "SidecarRejected", format!("HTTP {status}: {reason}"))
         }
-        Err(e) => {
-            fail(pod, "SidecarError", e.to_string());
-            note_failed(pod)
-        }
+        Err(e) => failed(pod, "SidecarError", e.to_string()),
     }
 }
 

@@ -28,25 +28,13 @@ async fn metrics(
     State(h): State<Health>,
 ) -> (StatusCode, [(&'static str, &'static str); 1], String) {
     if let Some(store) = h.store.get() {
-        let mut counts: Vec<(&str, i64)> = Vec::new();
-        for pr in store.state() {
-            let phase = pr
-                .status
-                .as_ref()
-                .and_then(|s| s.phase)
-                .map_or("Pending", |p| match p {
-                    crate::crd::Phase::Pending => "Pending",
-                    crate::crd::Phase::Running => "Running",
-                    crate::crd::Phase::Succeeded => "Succeeded",
-                    crate::crd::Phase::PartiallySucceeded => "PartiallySucceeded",
-                    crate::crd::Phase::Failed => "Failed",
-                });
-            match counts.iter_mut().find(|(p, _)| *p == phase) {
-                Some(c) => c.1 += 1,
-                None => counts.push((phase, 1)),
-            }
-        }
-        h.metrics.set_requests(&counts);
+        // A request without a status yet is Pending.
+        h.metrics.set_requests(
+            store
+                .state()
+                .iter()
+                .map(|pr| pr.status.as_ref().and_then(|s| s.phase).unwrap_or_default()),
+        );
     }
     (
         StatusCode::OK,
