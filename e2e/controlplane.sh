@@ -54,7 +54,8 @@ SYSCTLS="vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops
 PROCESSES="kube-controller-manager kube-scheduler kube-proxy kubelet containerd kube-apiserver etcd"
 # Debian packages the node needs: command (or file) -> package.
 NODE_PACKAGES="containerd:containerd runc:runc /usr/lib/cni/bridge:containernetworking-plugins
-  buildah:buildah mmdebstrap:mmdebstrap iptables:iptables nft:nftables ip:iproute2 gcc:gcc"
+  buildah:buildah mmdebstrap:mmdebstrap iptables:iptables nft:nftables ip:iproute2 gcc:gcc
+  /usr/lib/x86_64-linux-gnu/libc.a:libc6-dev curl:curl openssl:openssl unshare:util-linux"
 
 log() { printf 'controlplane: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -202,7 +203,6 @@ install_packages() {
 
 cmd_build() {
   command -v go >/dev/null || die "go is required to build the control plane"
-  command -v openssl >/dev/null || die "openssl is required to start the control plane"
   local total lock name
   total=$(date +%s)
   # One build at a time per cache: other checkouts and engineers share it.
@@ -428,7 +428,15 @@ import_images() {
     base=$(basename "$tar" .tar)
     [[ $base == *_* ]] || die "$tar: expected NAME_TAG.tar"
     name=docker.io/local/${base%_*}
-    ctr_node "$dir" images import --base-name "$name" --index-name "$name:${base##*_}" "$tar" >/dev/null
+    # containerd 1.6 now and then answers an import with "content digest ... not found" (a blob
+    # of the import in flight, never one of the archive's): a second import of the same
+    # archive then succeeds, so try up to three times.
+    local attempt out
+    for attempt in 1 2 3; do
+      out=$(ctr_node "$dir" images import --base-name "$name" --index-name "$name:${base##*_}" "$tar" 2>&1) && break
+      log "import of $name:${base##*_} failed (attempt $attempt): $out"
+      ((attempt < 3)) || die "cannot import $tar"
+    done
     log "imported $name:${base##*_}"
   done
 }
