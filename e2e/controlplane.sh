@@ -422,21 +422,16 @@ ctr_node() {  # DIR ARGS...: ctr against the node's containerd, in the CRI names
 
 # import_images DIR TAR...: each NAME_TAG.tar (an OCI archive) as docker.io/local/NAME:TAG.
 import_images() {
-  local dir=$1 tar base name
+  local dir=$1 tar base name out
   shift
   for tar in "$@"; do
     base=$(basename "$tar" .tar)
     [[ $base == *_* ]] || die "$tar: expected NAME_TAG.tar"
     name=docker.io/local/${base%_*}
-    # containerd 1.6 now and then answers an import with "content digest ... not found" (a blob
-    # of the import in flight, never one of the archive's): a second import of the same
-    # archive then succeeds, so try up to three times.
-    local attempt out
-    for attempt in 1 2 3; do
-      out=$(ctr_node "$dir" images import --base-name "$name" --index-name "$name:${base##*_}" "$tar" 2>&1) && break
-      log "import of $name:${base##*_} failed (attempt $attempt): $out"
-      ((attempt < 3)) || die "cannot import $tar"
-    done
+    if ! out=$(ctr_node "$dir" images import --base-name "$name" --index-name "$name:${base##*_}" "$tar" 2>&1); then
+      log "import of $name:${base##*_} failed: $out"
+      return 1
+    fi
     log "imported $name:${base##*_}"
   done
 }
@@ -450,10 +445,26 @@ start_containerd() {  # DIR
   # chart's default, a typo) must fail on this machine rather than reach a registry. Every
   # registry request goes to a proxy on a closed loopback port (PULL_PROXY) and is refused
   # there, before any name is resolved.
-  spawn "$dir" containerd env HTTP_PROXY="$PULL_PROXY" HTTPS_PROXY="$PULL_PROXY" \
-    http_proxy="$PULL_PROXY" https_proxy="$PULL_PROXY" NO_PROXY= no_proxy= \
-    containerd --config "$dir/containerd/config.toml"
-  wait_for "$dir" containerd 30 ctr_node "$dir" version
+  # containerd 1.6 now and then refuses an import while unpacking ("content digest ... not
+  # found", a digest of the import in flight, in no archive); importing again into the same
+  # containerd keeps failing, a containerd started afresh does not. So: up to three starts.
+  local attempt
+  for attempt in 1 2 3; do
+    spawn "$dir" containerd env HTTP_PROXY="$PULL_PROXY" HTTPS_PROXY="$PULL_PROXY" \
+      http_proxy="$PULL_PROXY" https_proxy="$PULL_PROXY" NO_PROXY= no_proxy= \
+      containerd --config "$dir/containerd/config.toml"
+    wait_for "$dir" containerd 30 ctr_node "$dir" version
+    import_links "$dir" && return 0
+    ((attempt < 3)) || die "containerd refused the images three times (log: $dir/containerd.log)"
+    log "starting containerd afresh (attempt $((attempt + 1)))"
+    stop_processes_named "$dir" containerd
+    rm -rf "$dir/containerd/root" "$dir/containerd/state" || true
+  done
+}
+
+# import_links DIR: imports the pause image and every archive of $IMAGES, from hard links.
+import_links() {  # DIR
+  local dir=$1
   # Import from links taken now: scripts/images (another checkout's, say) may replace an
   # archive while ctr reads it, and ctr opens it more than once. A link keeps this version.
   local images=() tar
@@ -463,8 +474,10 @@ start_containerd() {  # DIR
     ln -f "$tar" "$dir/images/" 2>/dev/null || cp "$tar" "$dir/images/"
     images+=("$dir/images/$(basename "$tar")")
   done
-  import_images "$dir" "${images[@]}"
+  local rc=0
+  import_images "$dir" "${images[@]}" || rc=$?
   rm -rf "$dir/images"
+  return "$rc"
 }
 
 start_kubelet() {  # DIR
@@ -743,7 +756,7 @@ cmd_import() {  # DIR TAR...
   local dir=${1:?usage: import DIR TAR...}
   shift
   dir=$(cd "$dir" && pwd)
-  import_images "$dir" "$@"
+  import_images "$dir" "$@" || die "import failed"
 }
 
 case "${1:-}" in
