@@ -1,5 +1,6 @@
 //! The one integration-test binary (ripgrep style): each module below is a feature area.
 
+mod balance;
 mod differential;
 mod frameworks;
 mod http;

@@ -17,6 +17,7 @@
 //! - [`heartbeat`], [`slot_table`]: per-slot words shared by the leader and its workers.
 //! - [`proctitle`]: the process titles `ps` shows (`forkscope-server: worker N [APP]`).
 
+pub mod balance;
 pub mod config_file;
 pub mod heartbeat;
 pub mod hooks;

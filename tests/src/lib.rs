@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod gunicorn;
+pub mod keepalive;
 pub mod procs;
 pub mod server;
 

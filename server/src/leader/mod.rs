@@ -68,6 +68,8 @@ pub struct Leader {
     listeners: Vec<Listener>,
     preloaded: Option<Py<PyAny>>,
     heartbeats: Heartbeats,
+    /// Each worker's open connections, shared so that they spread (see [`crate::balance`]).
+    load_cells: crate::balance::Cells,
     /// Which worker of each slot serves (see [`ready`]).
     ready: ready::Ready,
     slots: Slots,
@@ -129,12 +131,15 @@ impl Leader {
             upgrade::set_cloexec(l.fd());
             log::info!("Listening at: {l} ({})", std::process::id());
         }
-        let worker_kind = if settings.threads > 1 {
-            "gthread"
-        } else {
-            "sync"
-        };
-        log::info!("Using worker: {worker_kind}");
+        // gunicorn names its worker class here; forkscope serves `sync` and `gthread` alike with
+        // its own worker, which differs from both (it keeps idle connections without blocking).
+        let threads = settings.threads.max(1);
+        log::info!(
+            "Using worker: forkscope event loop, {threads} request thread{} per worker \
+             (non-blocking keep-alive; -k {})",
+            if threads == 1 { "" } else { "s" },
+            settings.worker_class
+        );
 
         let pidfile = settings.pidfile.clone();
         if let Some(path) = &pidfile {
@@ -190,6 +195,7 @@ impl Leader {
             preloaded,
             heartbeats: Heartbeats::new().context("cannot map the heartbeat table")?,
             ready: ready::Ready::new().context("cannot map the readiness table")?,
+            load_cells: crate::balance::Cells::new().context("cannot map the load table")?,
             slots: Slots::default(),
             target,
             runtime,
@@ -404,6 +410,9 @@ impl Leader {
             let Some((slot, worker)) = self.slots.remove_pid(pid) else {
                 continue;
             };
+            if let Some(cell) = worker.load_cell {
+                self.load_cells.release(cell);
+            }
             if let Some(rt) = &self.runtime {
                 self.leftovers
                     .reaped(rt, pid.as_raw() as u32, Instant::now());
@@ -594,6 +603,7 @@ impl Leader {
             self.halt = Some(ExitCode::from(HOOK_FAILED));
             return;
         };
+        let load = self.load_cells.take();
         let forked = Python::attach(crate::python::fork);
         match forked {
             Ok(crate::python::Forked::Parent(pid)) => {
@@ -605,14 +615,21 @@ impl Leader {
                         age,
                         spawned_at: Instant::now(),
                         retiring: None,
+                        load_cell: load.map(|l| l.cell()),
                     },
                 );
             }
             Ok(crate::python::Forked::Child) => {
-                let code = Python::attach(|py| spawn::worker_main(py, self, slot, age, worker));
+                let code =
+                    Python::attach(|py| spawn::worker_main(py, self, slot, age, load, worker));
                 spawn::exit_worker(code);
             }
-            Err(e) => log::error!("fork failed: {e}"),
+            Err(e) => {
+                log::error!("fork failed: {e}");
+                if let Some(l) = load {
+                    self.load_cells.release(l.cell());
+                }
+            }
         }
     }
 

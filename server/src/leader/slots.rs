@@ -17,6 +17,8 @@ pub struct WorkerProc {
     pub spawned_at: Instant,
     /// Told to stop (TERM, or ABRT on timeout); not counted as serving.
     pub retiring: Option<Retiring>,
+    /// Its cell in the load table (see [`crate::balance`]).
+    pub load_cell: Option<u32>,
 }
 
 /// Why and since when a worker is on its way out.
@@ -202,6 +204,7 @@ mod tests {
             age: 0,
             spawned_at: Instant::now(),
             retiring: None,
+            load_cell: None,
         }
     }
 

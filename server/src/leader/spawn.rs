@@ -27,9 +27,10 @@ pub fn worker_main(
     leader: &Leader,
     slot: u32,
     age: u64,
+    load: Option<crate::balance::Load>,
     worker: Py<WorkerObject>,
 ) -> WorkerExit {
-    let exit = boot_and_serve(py, leader, slot, age, &worker);
+    let exit = boot_and_serve(py, leader, slot, age, load, &worker);
     if let Ok(mut w) = worker.try_borrow_mut(py) {
         w.alive = false;
     }
@@ -44,6 +45,7 @@ fn boot_and_serve(
     leader: &Leader,
     slot: u32,
     _age: u64,
+    load: Option<crate::balance::Load>,
     worker: &Py<WorkerObject>,
 ) -> WorkerExit {
     crate::worker::signals::reset_inherited();
@@ -193,6 +195,7 @@ fn boot_and_serve(
     let id = Identity {
         slot,
         heartbeats: leader.heartbeats,
+        load,
     };
     // From here on this worker serves: on a reload, the worker it replaces may go.
     leader.ready.mark(slot, pid);

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener as MioTcpListener, UnixListener as MioUnixListener};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use pyo3::prelude::*;
 
 use crate::heartbeat::Heartbeats;
@@ -84,6 +85,9 @@ pub struct Identity {
     pub slot: u32,
     /// The shared heartbeat table.
     pub heartbeats: Heartbeats,
+    /// Its cell in the shared load table, through which connections spread over the workers
+    /// (`None`: accept without looking at siblings).
+    pub load: Option<crate::balance::Load>,
 }
 
 const WAKEUP: Token = Token(usize::MAX - 1);
@@ -138,6 +142,24 @@ impl Shared {
                 return;
             }
         }
+    }
+
+    /// Books that loop `index` entered a request (`true`) or left it.
+    fn set_busy(&self, index: usize, busy: bool) {
+        let now = if busy { crate::heartbeat::now_ms() } else { 0 };
+        self.busy_since[index].store(now, Ordering::Relaxed);
+        if self.busy_since.len() == 1
+            && let Some(load) = &self.id.load
+        {
+            load.set_busy_since(now);
+        }
+    }
+
+    /// True when a sibling worker should take the next queued connection instead of this one.
+    fn leave_to_sibling(&self) -> bool {
+        self.id
+            .load
+            .is_some_and(|l| l.sibling_has_fewer(crate::heartbeat::now_ms()))
     }
 
     fn begin_stop(&self, why: &str) {
@@ -209,6 +231,14 @@ pub fn serve(
         )?);
     }
     drop(wakeup);
+    if let Some(load) = &shared.id.load {
+        load.start_accepting();
+    }
+    log::debug!(
+        "Worker {} accepting in slot {}",
+        std::process::id(),
+        shared.id.slot
+    );
     py.detach(|| {
         let mut loops = loops.into_iter();
         let mut main = loops.next().expect("at least one loop");
@@ -247,6 +277,15 @@ impl Accepting {
             Accepting::Unix(l) => l,
         }
     }
+
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        let raw = match self {
+            Accepting::Tcp(l) => l.as_raw_fd(),
+            Accepting::Unix(l) => l.as_raw_fd(),
+        };
+        // SAFETY: the listener owns the fd and outlives the borrow.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) }
+    }
 }
 
 /// One thread's loop: its own poller, connections and copies of the listeners.
@@ -256,6 +295,8 @@ struct EventLoop {
     poll: Poll,
     listeners: Vec<Accepting>,
     accepting: bool,
+    /// Since when queued connections are left to a sibling with fewer (see [`crate::balance`]).
+    deferring_since: Option<Instant>,
     /// CPython's signal wakeup fd (main loop only).
     wakeup: Option<OwnedFd>,
     conns: HashMap<usize, Conn>,
@@ -301,6 +342,7 @@ impl EventLoop {
             poll,
             listeners: accepting,
             accepting: true,
+            deferring_since: None,
             wakeup,
             conns: HashMap::new(),
             next_key: FIRST_CONN,
@@ -322,7 +364,10 @@ impl EventLoop {
                     return Ok(WorkerExit::Normal);
                 }
             }
-            let wait = if self.accepting {
+            let wait = if self.deferring_since.is_some() {
+                // Look again soon: the sibling may not take what was left to it.
+                Duration::from_millis(1)
+            } else if self.accepting {
                 Duration::from_secs(1)
             } else {
                 Duration::from_millis(100)
@@ -335,7 +380,7 @@ impl EventLoop {
             for event in &events {
                 match event.token() {
                     WAKEUP => {
-                        if self.on_signals() {
+                        if self.on_signals_published() {
                             self.shared.exit_now.store(true, Ordering::SeqCst);
                             self.shared.wake_all();
                             return Ok(WorkerExit::Normal);
@@ -364,6 +409,9 @@ impl EventLoop {
             if signals::GRACEFUL_STOP.load(Ordering::Relaxed) {
                 self.shared.begin_stop("received TERM");
             }
+            if self.deferring_since.is_some() {
+                self.retry_deferred();
+            }
             if self.last_sweep.elapsed() >= Duration::from_secs(1) {
                 self.sweep();
             }
@@ -386,6 +434,21 @@ impl EventLoop {
             };
             !c.mid_request() && c.out.is_empty() && c.last_active.elapsed() >= grace
         })
+    }
+
+    /// [`Self::on_signals`], shown to siblings as time in a request: a handler (the profiler
+    /// taking a snapshot) can keep the only loop away from its listeners for seconds.
+    fn on_signals_published(&mut self) -> bool {
+        let single = self.shared.busy_since.len() == 1;
+        let load = self.shared.id.load.filter(|_| single);
+        if let Some(l) = load {
+            l.set_busy_since(crate::heartbeat::now_ms());
+        }
+        let exit = self.on_signals();
+        if let Some(l) = load {
+            l.set_busy_since(0);
+        }
+        exit
     }
 
     /// Runs the Python-level handlers of pending signals. Returns true to exit now.
@@ -424,9 +487,56 @@ impl EventLoop {
             return;
         }
         self.accepting = false;
+        self.deferring_since = None;
+        if let Some(load) = &self.shared.id.load {
+            load.stop_accepting();
+        }
         for l in &mut self.listeners {
             let _ = self.poll.registry().deregister(l.source());
         }
+    }
+
+    /// After leaving queued connections to a sibling: done when the queues are empty, else
+    /// accept again (the sibling may have taken its share, or the wait may be over).
+    fn retry_deferred(&mut self) {
+        let mut fds: Vec<PollFd<'_>> = self
+            .listeners
+            .iter()
+            .map(|l| PollFd::new(l.fd(), PollFlags::POLLIN))
+            .collect();
+        let queued: Vec<usize> = match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(n) if n > 0 => fds
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| f.revents().is_some_and(|r| r.contains(PollFlags::POLLIN)))
+                .map(|(i, _)| i)
+                .collect(),
+            _ => Vec::new(),
+        };
+        drop(fds);
+        if queued.is_empty() {
+            self.deferring_since = None;
+        }
+        for i in queued {
+            self.accept(i);
+        }
+    }
+
+    /// Whether to leave the next queued connection to a sibling worker. A connection is left
+    /// for [`crate::balance::DEFER_AT_MOST`] at most: then this worker takes it and waits
+    /// again before the next, so a slow sibling costs each connection a few milliseconds, not
+    /// its share of the burst.
+    fn defer_to_sibling(&mut self) -> bool {
+        if !self.shared.leave_to_sibling() {
+            return false;
+        }
+        let now = Instant::now();
+        let since = *self.deferring_since.get_or_insert(now);
+        if now.duration_since(since) < crate::balance::DEFER_AT_MOST {
+            return true;
+        }
+        self.deferring_since = Some(now);
+        false
     }
 
     /// Accepts waiting clients. With several threads each takes one client at a time and hands
@@ -440,6 +550,9 @@ impl EventLoop {
         };
         let mut taken = 0;
         while self.accepting && taken < batch && self.conns.len() < self.max_connections {
+            if self.defer_to_sibling() {
+                return;
+            }
             let accepted = match &self.listeners[index] {
                 Accepting::Tcp(l) => l.accept().map(|(s, remote)| {
                     let _ = s.set_nodelay(true);
@@ -483,6 +596,9 @@ impl EventLoop {
                         continue;
                     }
                     self.conns.insert(key, conn);
+                    if let Some(load) = &self.shared.id.load {
+                        load.opened();
+                    }
                     taken += 1;
                     if taken == batch {
                         // More may be waiting and the edge is spent: let an idle sibling look.
@@ -490,7 +606,10 @@ impl EventLoop {
                     }
                     self.drive(key);
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.deferring_since = None;
+                    break;
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     // EMFILE and friends: back off until a connection closes.
@@ -524,8 +643,7 @@ impl EventLoop {
                     }
                     let fd = conn.stream.fd();
                     let pending = std::mem::take(&mut conn.out);
-                    let busy = &self.shared.busy_since[self.index];
-                    busy.store(crate::heartbeat::now_ms(), Ordering::Relaxed);
+                    self.shared.set_busy(self.index, true);
                     let turn =
                         (self.shared.config.threads > 1).then(|| self.shared.gil_queue.lock());
                     let done = Python::attach(|py| {
@@ -537,7 +655,7 @@ impl EventLoop {
                             }
                         }
                     });
-                    busy.store(0, Ordering::Relaxed);
+                    self.shared.set_busy(self.index, false);
                     if !self.complete(key, done) {
                         return;
                     }
@@ -570,6 +688,9 @@ impl EventLoop {
     fn close(&mut self, key: usize) {
         if let Some(mut conn) = self.conns.remove(&key) {
             let _ = self.poll.registry().deregister(conn.stream.source());
+            if let Some(load) = &self.shared.id.load {
+                load.closed();
+            }
         }
     }
 
