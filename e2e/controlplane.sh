@@ -66,6 +66,7 @@ kube_apiserver_bin() { kube_bin kube-apiserver; }
 etcd_bin() { echo "$BIN/etcd-$ETCD_VERSION"; }
 helm_bin() { echo "$BIN/helm-$HELM_VERSION"; }
 prometheus_bin() { echo "$BIN/prometheus-$PROMETHEUS_VERSION"; }
+promtool_bin() { echo "$BIN/promtool-$PROMETHEUS_VERSION"; }
 pause_image() { echo "$BIN/pause_e2e.tar"; }
 
 # kubectl: the machine's own when its minor version is within the supported skew (±1) of the
@@ -148,13 +149,15 @@ build_helm() {
 # PROMETHEUS_VERSION). Debian's package is built without Kubernetes service discovery, which the
 # dashboard test scrapes the sidecars with; only that discovery is compiled in (upstream's
 # build tags), which also keeps the build short.
-build_prometheus() {
-  local out=$1 gobin
+# promtool (the sidecar's tests lint its /metrics with `promtool check metrics`) comes from the
+# same module, so the second build reuses the first one's packages.
+build_prometheus() {  # OUT [COMMAND]
+  local out=$1 cmd=${2:-prometheus} gobin
   gobin=$(mktemp -d)
   GOBIN=$gobin go_env go install -trimpath -tags remove_all_sd,enable_kubernetes_sd \
     -ldflags "-s -w -X github.com/prometheus/common/version.Version=${PROMETHEUS_VERSION#v}" \
-    "github.com/prometheus/prometheus/cmd/prometheus@$PROMETHEUS_MODULE"
-  mv "$gobin/prometheus" "$out.tmp"
+    "github.com/prometheus/prometheus/cmd/$cmd@$PROMETHEUS_MODULE"
+  mv "$gobin/$cmd" "$out.tmp"
   rmdir "$gobin"
 }
 
@@ -224,6 +227,7 @@ cmd_build() {
   fi
   timed_build helm "$(helm_bin)" build_helm "$(helm_bin)"
   timed_build prometheus "$(prometheus_bin)" build_prometheus "$(prometheus_bin)"
+  timed_build promtool "$(promtool_bin)" build_prometheus "$(promtool_bin)" promtool
   timed_build pause-image "$(pause_image)" build_pause "$(pause_image)"
   log "build: done in $(($(date +%s) - total))s"
 }
@@ -234,6 +238,7 @@ cmd_paths() {
   echo "export FORKSCOPE_KUBECTL=$(kubectl_bin)"
   echo "export FORKSCOPE_HELM=$(helm_bin)"
   echo "export FORKSCOPE_PROMETHEUS=$(prometheus_bin)"
+  echo "export FORKSCOPE_PROMTOOL=$(promtool_bin)"
 }
 
 # A free TCP port on 127.0.0.1, chosen by the kernel. The port is released before the server

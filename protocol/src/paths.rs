@@ -29,6 +29,11 @@ impl RuntimeDir {
         self.process_dir(pid).join("process.json")
     }
 
+    /// The per-slot request counters of leader `pid` (see [`crate::requests`]).
+    pub fn requests(&self, pid: u32) -> PathBuf {
+        self.process_dir(pid).join("requests.bin")
+    }
+
     /// The command file a program writes before it rings the doorbell of worker `pid`.
     pub fn command(&self, pid: u32) -> PathBuf {
         self.process_dir(pid).join("command.json")

@@ -23,7 +23,7 @@ use std::time::Duration;
 use crate::slot_table::{MAX_SLOTS, SlotTable};
 
 /// How long a worker leaves queued connections to a sibling that does not take them.
-pub const DEFER_AT_MOST: Duration = Duration::from_millis(5);
+pub const DEFER_AT_MOST: Duration = Duration::from_millis(20);
 
 /// A sibling inside one request for longer than this will not accept soon: not waited for.
 const BUSY_LONG_MS: u64 = 2;

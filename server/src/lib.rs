@@ -28,6 +28,7 @@ pub mod logging;
 pub mod proctitle;
 pub mod profiler;
 pub mod python;
+pub mod request_counts;
 pub mod runtime_dir;
 pub mod settings;
 pub mod slot_table;

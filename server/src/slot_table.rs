@@ -1,5 +1,6 @@
 //! One atomic word per worker slot, in memory the leader maps before forking so that it is
-//! shared with every worker: the building block of the heartbeat and readiness tables.
+//! shared with every worker: the building block of the heartbeat, readiness and load tables,
+//! and (mapped from a file the sidecar reads) of the request counters.
 
 use std::ptr::NonNull;
 use std::sync::atomic::AtomicU64;
@@ -14,6 +15,7 @@ pub const MAX_SLOTS: usize = 4096;
 #[derive(Clone, Copy, Debug)]
 pub struct SlotTable {
     base: NonNull<AtomicU64>,
+    words: usize,
 }
 
 // SAFETY: the memory is a table of atomics that stays mapped for the life of the process.
@@ -27,7 +29,15 @@ impl SlotTable {
     /// # Errors
     /// `mmap` failed.
     pub fn new() -> nix::Result<Self> {
-        let len = std::num::NonZeroUsize::new(MAX_SLOTS * 8).expect("non-zero size");
+        Self::anonymous(MAX_SLOTS)
+    }
+
+    /// Maps `words` zero-initialized words of anonymous shared memory.
+    ///
+    /// # Errors
+    /// `mmap` failed.
+    pub fn anonymous(words: usize) -> nix::Result<Self> {
+        let len = std::num::NonZeroUsize::new(words * 8).expect("non-zero size");
         // SAFETY: a fresh anonymous mapping, zero-filled, never unmapped.
         let ptr = unsafe {
             mmap_anonymous(
@@ -37,15 +47,47 @@ impl SlotTable {
                 MapFlags::MAP_SHARED,
             )?
         };
-        Ok(Self { base: ptr.cast() })
+        Ok(Self {
+            base: ptr.cast(),
+            words,
+        })
+    }
+
+    /// Maps the first `words` words of `file` (already at least that long), shared with every
+    /// process that maps it: other programs read what the atomics write.
+    ///
+    /// # Errors
+    /// `mmap` failed.
+    pub fn file(file: &std::fs::File, words: usize) -> nix::Result<Self> {
+        let len = std::num::NonZeroUsize::new(words * 8).expect("non-zero size");
+        // SAFETY: a shared mapping of a file the caller sized; it is never unmapped, and the
+        // program only ever accesses it as atomics.
+        let ptr = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                len,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                file,
+                0,
+            )?
+        };
+        Ok(Self {
+            base: ptr.cast(),
+            words,
+        })
     }
 
     /// The word of `slot`, `None` past the table's end.
     pub fn cell(&self, slot: u32) -> Option<&AtomicU64> {
-        let slot = slot as usize;
+        self.word(slot as usize)
+    }
+
+    /// Word `index`, `None` past the table's end.
+    pub fn word(&self, index: usize) -> Option<&AtomicU64> {
         // SAFETY: index checked against the mapping size; AtomicU64 has the alignment of u64
         // and the mapping is page-aligned.
-        (slot < MAX_SLOTS).then(|| unsafe { &*self.base.as_ptr().add(slot) })
+        (index < self.words).then(|| unsafe { &*self.base.as_ptr().add(index) })
     }
 }
 

@@ -186,6 +186,8 @@ fn app_label(app: &str) -> String {
 /// The collector that reads `/proc` at scrape time.
 pub struct ProcessCollector {
     source: ProcSource,
+    /// Where the leaders' request counters are (`None`: no request metrics).
+    runtime: Option<forkscope_protocol::RuntimeDir>,
     descs: Vec<Desc>,
     restarts: IntCounterVec,
     /// Held across the whole scan and update, so concurrent gathers update the tracker in the
@@ -203,7 +205,11 @@ struct Tracked {
 impl ProcessCollector {
     /// A collector over `source`; worker restarts it detects are counted in `restarts`
     /// (labels `server`, `app`, `slot`).
-    pub fn new(source: ProcSource, restarts: IntCounterVec) -> Self {
+    pub fn new(
+        source: ProcSource,
+        runtime: Option<forkscope_protocol::RuntimeDir>,
+        restarts: IntCounterVec,
+    ) -> Self {
         let mut descs: Vec<Desc> = templates()
             .into_iter()
             .flat_map(|(name, help, labels)| {
@@ -220,6 +226,7 @@ impl ProcessCollector {
         descs.extend(restarts.desc().into_iter().cloned());
         Self {
             source,
+            runtime,
             descs,
             restarts,
             tracker: Mutex::new(Tracked::default()),
@@ -311,6 +318,9 @@ impl ProcessCollector {
         let mut families: Vec<MetricFamily> = vecs.iter().flat_map(|v| v.collect()).collect();
         families.extend(cpu.collect());
         families.extend(self.restarts.collect());
+        if let Some(runtime) = &self.runtime {
+            families.extend(crate::request_metrics::families(runtime, &snap, app_label));
+        }
         families
     }
 }
@@ -367,8 +377,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Registers every metric, with the process collector reading from `source`.
-    pub fn new(source: ProcSource) -> Self {
+    /// Registers every metric, with the process collector reading from `source` and the
+    /// leaders' request counters from `runtime`.
+    pub fn new(source: ProcSource, runtime: Option<forkscope_protocol::RuntimeDir>) -> Self {
         let registry = Registry::new();
         let sessions = IntCounterVec::new(
             Opts::new(
@@ -398,7 +409,7 @@ impl Metrics {
         let up = Gauge::new("forkscope_sidecar_up", "Always 1 while the sidecar serves.")
             .expect("constant metric");
         up.set(1.0);
-        let collector = ProcessCollector::new(source, restarts.clone());
+        let collector = ProcessCollector::new(source, runtime, restarts.clone());
         for c in [
             Box::new(sessions.clone()) as Box<dyn Collector>,
             Box::new(up.clone()),
@@ -567,7 +578,7 @@ mod tests {
         );
         rollup(r, 100, 2000);
         rollup(r, 102, 700);
-        let metrics = Metrics::new(ProcSource::new(r));
+        let metrics = Metrics::new(ProcSource::new(r), None);
         let text = metrics.render().expect("render");
         let line = |series: &str| {
             text.lines()
@@ -677,7 +688,7 @@ mod tests {
     fn a_gone_leader_takes_its_restart_series_along() {
         let root = crate::discovery::fixture::one_leader("gone:app");
         let r = root.path();
-        let metrics = Metrics::new(ProcSource::new(r));
+        let metrics = Metrics::new(ProcSource::new(r), None);
         let series = r#"forkscope_worker_restarts_total{app="gone:app""#;
         assert!(metrics.render().expect("render").contains(series));
         std::fs::remove_dir_all(r.join("100")).expect("leader gone");
@@ -689,7 +700,7 @@ mod tests {
     async fn concurrent_scrapes_share_one_read() {
         let root = crate::discovery::fixture::one_leader("web:app");
         let r = root.path();
-        let metrics = Arc::new(Metrics::new(ProcSource::new(r)));
+        let metrics = Arc::new(Metrics::new(ProcSource::new(r), None));
         let mut set = tokio::task::JoinSet::new();
         for _ in 0..16 {
             let m = metrics.clone();

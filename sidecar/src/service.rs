@@ -52,7 +52,7 @@ impl AppState {
         let token = Arc::new(auth::Auth::new(&config.auth)?);
         let source = ProcSource::new(&config.proc_root);
         let runtime = RuntimeDir::new(&config.runtime_dir);
-        let metrics = Arc::new(metrics::Metrics::new(source.clone()));
+        let metrics = Arc::new(metrics::Metrics::new(source.clone(), Some(runtime.clone())));
         let sessions = Sessions::new(
             source.clone(),
             runtime.clone(),

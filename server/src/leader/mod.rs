@@ -70,6 +70,8 @@ pub struct Leader {
     heartbeats: Heartbeats,
     /// Each worker's open connections, shared so that they spread (see [`crate::balance`]).
     load_cells: crate::balance::Cells,
+    /// Per-slot request counters the sidecar exports (see [`crate::request_counts`]).
+    request_counts: Option<crate::request_counts::RequestCounts>,
     /// Which worker of each slot serves (see [`ready`]).
     ready: ready::Ready,
     slots: Slots,
@@ -165,6 +167,17 @@ impl Leader {
             }
         };
         let runtime = folder.as_ref().map(|_| runtime);
+        let request_counts = runtime.as_ref().and_then(|rt| {
+            let path = rt.requests(std::process::id());
+            crate::request_counts::RequestCounts::create(&path)
+                .map_err(|e| {
+                    log::warn!(
+                        "cannot create {} ({e}); request metrics are disabled",
+                        path.display()
+                    );
+                })
+                .ok()
+        });
 
         crate::proctitle::set(&crate::proctitle::leader_title(&app_name));
 
@@ -196,6 +209,7 @@ impl Leader {
             heartbeats: Heartbeats::new().context("cannot map the heartbeat table")?,
             ready: ready::Ready::new().context("cannot map the readiness table")?,
             load_cells: crate::balance::Cells::new().context("cannot map the load table")?,
+            request_counts,
             slots: Slots::default(),
             target,
             runtime,
@@ -412,6 +426,9 @@ impl Leader {
             };
             if let Some(cell) = worker.load_cell {
                 self.load_cells.release(cell);
+                if let Some(counts) = &self.request_counts {
+                    counts.release(cell);
+                }
             }
             if let Some(rt) = &self.runtime {
                 self.leftovers
@@ -604,6 +621,9 @@ impl Leader {
             return;
         };
         let load = self.load_cells.take();
+        if let (Some(counts), Some(load)) = (&self.request_counts, load) {
+            counts.claim(load.cell(), slot);
+        }
         let forked = Python::attach(crate::python::fork);
         match forked {
             Ok(crate::python::Forked::Parent(pid)) => {

@@ -196,6 +196,9 @@ fn boot_and_serve(
         slot,
         heartbeats: leader.heartbeats,
         load,
+        requests: leader
+            .request_counts
+            .and_then(|c| c.worker(slot, load.map(|l| l.cell()))),
     };
     // From here on this worker serves: on a reload, the worker it replaces may go.
     leader.ready.mark(slot, pid);

@@ -88,6 +88,8 @@ pub struct Identity {
     /// Its cell in the shared load table, through which connections spread over the workers
     /// (`None`: accept without looking at siblings).
     pub load: Option<crate::balance::Load>,
+    /// Its slot's request counters, exported by the sidecar.
+    pub requests: Option<crate::request_counts::WorkerCounts>,
 }
 
 const WAKEUP: Token = Token(usize::MAX - 1);
@@ -644,6 +646,11 @@ impl EventLoop {
                     let fd = conn.stream.fd();
                     let pending = std::mem::take(&mut conn.out);
                     self.shared.set_busy(self.index, true);
+                    let counts = self.shared.id.requests;
+                    let started = counts.map(|c| {
+                        c.begin();
+                        Instant::now()
+                    });
                     let turn =
                         (self.shared.config.threads > 1).then(|| self.shared.gil_queue.lock());
                     let done = Python::attach(|py| {
@@ -656,6 +663,9 @@ impl EventLoop {
                         }
                     });
                     self.shared.set_busy(self.index, false);
+                    if let (Some(c), Some(t)) = (counts, started) {
+                        c.end(done.status, t.elapsed(), done.bytes_sent, done.raised);
+                    }
                     if !self.complete(key, done) {
                         return;
                     }
@@ -767,6 +777,7 @@ fn hooked_request(
             keep_alive: false,
             pending,
             status: 500,
+            raised: true,
             ..Completion::default()
         };
     }

@@ -51,6 +51,8 @@ pub struct Completion {
     pub headers: Vec<(String, String)>,
     /// The app raised `SystemExit` (a quick-stop signal arrived): the worker must exit now.
     pub exit: bool,
+    /// The request ended in an exception (the app's, or a failed write to the client).
+    pub raised: bool,
 }
 
 /// The application and what every request shares.
@@ -158,6 +160,7 @@ impl Wsgi {
             }
             Err(err) => {
                 done.exit = err.is_instance_of::<PySystemExit>(py);
+                done.raised = !done.exit;
                 if !done.exit {
                     let path = String::from_utf8_lossy(&req.head.path).into_owned();
                     log::error!(

@@ -7,5 +7,6 @@ mod leader;
 mod metrics;
 mod orphans;
 mod profiles;
+mod requests;
 mod unprivileged;
 mod util;

@@ -1,25 +1,13 @@
 //! `/metrics` against a real forkscope-server: per-process series read at scrape time, bounded
 //! labels with the PID only on the info series, and worker restarts.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use forkscope_tests::wait_for;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::util::{Sidecar, eventually, unique_app};
-
-/// Parses the text exposition into `series → value` (series = name plus sorted labels).
-fn parse(text: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            Some((series.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
+use crate::util::{Sidecar, eventually, parse_metrics as parse, unique_app};
 
 #[tokio::test]
 async fn per_worker_memory_with_bounded_labels_and_restarts() {

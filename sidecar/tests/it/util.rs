@@ -307,3 +307,14 @@ pub fn unique_app(
         .start();
     (server, app, dir)
 }
+
+/// Parses the text exposition into `series → value` (series = name plus sorted labels).
+pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
