@@ -1,7 +1,8 @@
 //! The example application (`examples/app.yaml`: forkscope-server serving a leaky app with
 //! forkscope-sidecar in the same pod, two replicas) on the real node, and a plain gunicorn pod
 //! with the sidecar. Everything is reached from the host at the pods' own addresses, as
-//! Prometheus and the operator reach them.
+//! Prometheus and the operator reach them; in the whole flow a real Prometheus scrapes the
+//! pods through Kubernetes discovery and the dashboard's queries run on it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -10,7 +11,11 @@ use anyhow::{Context, bail, ensure};
 use forkscope_e2e::{cluster, node, wait};
 use forkscope_operator::crd::{Phase, ProfileRequest};
 use forkscope_sidecar::api::{LeaderView, ProcessList, ServerKind, SessionState};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+
+use crate::dashboard::check::{self, PodSidecar};
+use crate::dashboard::grafana::Dashboard;
+use crate::dashboard::scrape::Scraping;
 
 /// The line of `examples/leaky_app.py` that allocates what the app leaks (1-based).
 fn leak_line() -> anyhow::Result<u32> {
@@ -197,13 +202,17 @@ async fn helm(args: &[&str]) -> anyhow::Result<String> {
 /// (the operator Ready in real pods), `kubectl apply -f examples/app.yaml` (pods Ready through
 /// real probes; each sidecar sees its workers, exports their PSS, profiles, follows a killed
 /// worker's replacement), `kubectl apply -f examples/profilerequest.yaml` (→ `Succeeded` with
-/// the leak line as top site, events in `kubectl describe`), then `helm uninstall`, which
+/// the leak line as top site, events in `kubectl describe`), the dashboard the chart installed
+/// showing every worker's memory as a real Prometheus scraped it, then `helm uninstall`, which
 /// leaves only what the user created.
 #[tokio::test]
 async fn the_users_whole_flow_on_the_real_node() -> anyhow::Result<()> {
     let client = cluster::client().await?;
     let ns = cluster::test_namespace(&client, "app").await?;
     node::require_images(&client, &[node::OPERATOR_IMAGE]).await?;
+    // Prometheus watches the namespace from the start, as a cluster's would: it discovers the
+    // app's pods when they come, and scrapes the restart and the sessions below as they happen.
+    let scraping = Scraping::start(&client, &ns).await?;
     let (release_ns, _) = node::OPERATOR_ACCOUNT;
     let chart = cluster::repo_path("charts/forkscope").display().to_string();
     let (repository, tag) = node::OPERATOR_IMAGE
@@ -330,6 +339,13 @@ async fn the_users_whole_flow_on_the_real_node() -> anyhow::Result<()> {
     let logs = node::kubectl_ok(["logs", "-n", &ns, pod_name(pod)?, "-c", "app"]).await?;
     ensure!(logs.contains("Listening at: http://0.0.0.0:8000"), "{logs}");
     ensure!(logs.contains("GET /leak?n=20"), "{logs}");
+
+    // Prometheus has scraped both sidecars by now, so it sees slot 1's restart count rise.
+    let names = pods
+        .iter()
+        .map(pod_name)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    scraping.prom.await_targets(&names).await?;
 
     // A worker killed inside the other pod (by the server image's Python, as the pod's user)
     // is replaced in its slot, and the metrics follow the new process.
@@ -471,6 +487,26 @@ async fn the_users_whole_flow_on_the_real_node() -> anyhow::Result<()> {
         "{described}"
     );
 
+    // The dashboard the chart installed shows both pods' workers with what their sidecars
+    // report: the killed slot's restart, the sessions of the sidecar and of the operator.
+    let dashboard = installed_dashboard(&client, release_ns).await?;
+    let sidecars = pods
+        .iter()
+        .map(|pod| {
+            Ok(PodSidecar {
+                pod: pod_name(pod)?.to_owned(),
+                client: node::sidecar(pod, &token)?,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    check::await_agreement(
+        &scraping,
+        &dashboard,
+        &sidecars,
+        &[(pod_name(&pods[1])?, 1)],
+    )
+    .await?;
+
     // helm uninstall takes the operator away and leaves what the user created.
     helm(&[
         "uninstall",
@@ -493,6 +529,21 @@ async fn the_users_whole_flow_on_the_real_node() -> anyhow::Result<()> {
     let apps = kube::Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), &ns);
     ensure!(apps.get_opt("web").await?.is_some(), "the user's app stays");
     Ok(())
+}
+
+/// The dashboard as the chart installed it: the ConfigMap labelled for Grafana's dashboard
+/// sidecar, which loads it from there.
+async fn installed_dashboard(client: &kube::Client, namespace: &str) -> anyhow::Result<Dashboard> {
+    let map = kube::Api::<ConfigMap>::namespaced(client.clone(), namespace)
+        .get("forkscope-dashboard")
+        .await?;
+    let labels = map.metadata.labels.unwrap_or_default();
+    ensure!(
+        labels.get("grafana_dashboard").map(String::as_str) == Some("1"),
+        "labels of the dashboard's ConfigMap: {labels:?}"
+    );
+    let json = map.data.unwrap_or_default().remove("forkscope.json");
+    Dashboard::parse(&json.context("forkscope.json in the dashboard's ConfigMap")?)
 }
 
 /// A wait that failed, with the chart's operator's log attached (what it did and why not).

@@ -51,8 +51,15 @@ impl Dashboard {
     /// # Errors
     /// An unreadable file or a dashboard Grafana would not run as the test expects.
     pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
-        let json: Value = serde_json::from_str(&std::fs::read_to_string(path)?)
-            .with_context(|| format!("{}", path.display()))?;
+        Self::parse(&std::fs::read_to_string(path)?).with_context(|| format!("{}", path.display()))
+    }
+
+    /// As [`Dashboard::load`], from the JSON text (the chart's ConfigMap holds it).
+    ///
+    /// # Errors
+    /// Invalid JSON or a dashboard Grafana would not run as the test expects.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let json: Value = serde_json::from_str(text)?;
         let datasource = serde_json::json!({"type": "prometheus", "uid": "${datasource}"});
         let variables_json = json["templating"]["list"]
             .as_array()

@@ -91,6 +91,9 @@ impl Prometheus {
             .arg(format!("--config.file={}", config_file.display()))
             .arg(format!("--storage.tsdb.path={}", data.display()))
             .arg(format!("--web.listen-address={listen}"))
+            // New targets start being scraped every second, not every five (the default
+            // throttle): the tests wait for a pod's first scrape.
+            .arg("--scrape.discovery-reload-interval=1s")
             .arg("--log.level=warn")
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
