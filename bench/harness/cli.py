@@ -24,8 +24,10 @@ def _csv(text: str) -> list[str]:
 def run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bench/run",
-        description="Benchmark forkscope-server beside gunicorn, granian and uWSGI; writes raw "
-        "JSON under bench/results/ and renders docs/BENCHMARKS.md from it.",
+        description="Benchmark forkscope-server beside gunicorn, granian, uWSGI and bjoern, with "
+        "nginx's static answer as a reference; writes raw JSON under bench/results/ and renders "
+        "docs/BENCHMARKS.md from it. The full run takes about an hour: --dry-run prints the plan "
+        "and its estimated time.",
     )
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 2 s runs, 1 s warm-up, 1 round; the document goes to "
@@ -36,8 +38,8 @@ def run_parser() -> argparse.ArgumentParser:
                         "selected by family (gunicorn, forkscope, uwsgi)")
     p.add_argument("--apps", type=_csv, default=[a.key for a in throughput.APPS],
                    help="comma-separated: " + ", ".join(a.key for a in throughput.APPS))
-    p.add_argument("--workers", type=lambda t: tuple(int(x) for x in _csv(t)), default=(1, 2),
-                   help="worker counts for the throughput table (default 1,2)")
+    p.add_argument("--workers", type=lambda t: tuple(int(x) for x in _csv(t)), default=(1, 2, 4),
+                   help="worker counts for the throughput table (default 1,2,4)")
     p.add_argument("--duration", type=int, default=None, help="seconds per measured wrk run (default 10)")
     p.add_argument("--warmup", type=int, default=None, help="seconds of wrk warm-up (default 3)")
     p.add_argument("--rounds", type=int, default=None, help="rounds of interleaved runs (default 3)")
@@ -45,13 +47,29 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--wrk-threads", type=int, default=1, help="wrk -t (default 1)")
     p.add_argument("--only", choices=["throughput", "memory"], default=None,
                    help="measure only one of the two tables")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what would be measured and how long it would take, and stop")
     p.add_argument("--no-build", action="store_true",
-                   help="use the existing target/release/forkscope-server instead of building")
+                   help="use the existing release forkscope-server ($CARGO_TARGET_DIR or target/) "
+                        "instead of building")
     p.add_argument("--provisional", metavar="TEXT", default=None,
                    help="label the document provisional with this explanation")
     p.add_argument("--out", type=Path, default=None, help="document path (default docs/BENCHMARKS.md)")
     p.add_argument("--results-dir", type=Path, default=BENCH / "results")
     return p
+
+
+# Seconds one memory configuration takes (start-up, 2,000 requests, a GC in every worker).
+MEMORY_SECONDS = 8
+
+
+def describe_plan(samples: int, memory_configs: int, params: throughput.Params) -> str:
+    """One line: how many runs, and roughly how long they take."""
+    seconds = throughput.estimate_seconds(samples, params) + memory_configs * MEMORY_SECONDS
+    return (
+        f"{samples} throughput runs ({params.warmup} s warm-up + {params.duration} s each) and "
+        f"{memory_configs} memory configurations: about {seconds / 60:.0f} min, build not counted"
+    )
 
 
 def _now() -> str:
@@ -83,14 +101,25 @@ def main_run(argv: list[str]) -> int:
     if not tp_servers and not mem_configs:
         log("nothing selected")
         return 2
+    planned = throughput.plan(tp_servers, apps, params)
+    log(f"plan: {describe_plan(len(planned), len(mem_configs), params)}")
+    if args.dry_run:
+        for rnd, app, workers, server in planned:
+            if rnd == 1:
+                print(f"{app.key} w={workers} {server.key}")
+        return 0
 
     venv = environment.ensure_venv(BENCH / "requirements.txt")
     wrk = environment.ensure_wrk()
+    nginx, nginx_without = None, frozenset()
+    if any(server.key == "nginx" for _, _, _, server in planned):
+        nginx = environment.ensure_nginx()
+        nginx_without = frozenset(environment.nginx_modules_left_out(nginx))
     wants_forkscope = any(s.family == "forkscope" for s in tp_servers + mem_configs)
     forkscope = None
     if wants_forkscope:
         if args.no_build:
-            forkscope = ROOT / "target" / "release" / "forkscope-server"
+            forkscope = environment.release_binary(ROOT)
         else:
             forkscope = environment.build_forkscope(ROOT)
 
@@ -124,15 +153,17 @@ def main_run(argv: list[str]) -> int:
                    "connections": args.connections, "wrk_threads": args.wrk_threads,
                    "workers": list(args.workers)},
         "machine": environment.machine(),
-        "versions": environment.versions(venv, wrk, forkscope, ROOT),
+        "versions": environment.versions(venv, wrk, forkscope, ROOT, nginx),
         "loadavg_start": processes.loadavg(),
     }  # fmt: skip
 
     with tempfile.TemporaryDirectory(prefix="forkscope-bench-") as tmp:
         scratch = Path(tmp)
-        ctx = servers.Context(venv=venv, apps=BENCH / "apps", bench=BENCH, forkscope=forkscope, scratch=scratch)
+        ctx = servers.Context(venv=venv, apps=BENCH / "apps", bench=BENCH, forkscope=forkscope,
+                              scratch=scratch, nginx=nginx, nginx_without=nginx_without)  # fmt: skip
         meta["paths"] = {"bench/apps": str(ctx.apps), "bench": str(BENCH), "$VENV": str(venv),
-                         "target/release/forkscope-server": str(forkscope or ""), "$TMP": str(scratch)}  # fmt: skip
+                         "target/release/forkscope-server": str(forkscope or ""), "$TMP": str(scratch),
+                         "nginx": nginx or ""}  # fmt: skip
         raw: dict = {"meta": meta}
         if tp_servers and apps:
             log(f"throughput: {', '.join(s.key for s in tp_servers)} × {', '.join(a.key for a in apps)} "

@@ -1,9 +1,9 @@
 """Installs what the benchmark needs and describes the machine and the software it measured.
 
 - the bench venv (`${FORKSCOPE_CACHE:-~/.cache/forkscope}/bench-venv`) with bench/requirements.txt
-  (gunicorn, granian, uWSGI which compiles against the Python headers, Flask), reused while the
-  requirements file is unchanged;
-- wrk from Debian when it is not on PATH;
+  (gunicorn, granian, uWSGI which compiles against the Python headers, bjoern which compiles
+  against Debian's libev-dev, Flask), reused while the requirements file is unchanged;
+- wrk, and nginx (Debian's nginx-light) when nginx is measured, from Debian when not on PATH;
 - forkscope-server, built with `cargo build --release -p forkscope-server`.
 """
 
@@ -37,7 +37,9 @@ def ensure_venv(requirements: Path) -> Path:
     python = os.environ.get("FORKSCOPE_PYTHON", "python3")
     if (venv / "bin" / "python").exists() and stamp.exists() and stamp.read_text().strip() == want:
         return venv
-    log(f"installing {requirements.name} into {venv} (uWSGI compiles: a minute or two)")
+    # bjoern compiles against libev's headers (Debian's libev-dev).
+    ensure_debian_packages(["libev-dev"])
+    log(f"installing {requirements.name} into {venv} (uWSGI and bjoern compile: a minute or two)")
     venv.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([python, "-m", "venv", str(venv)], check=True)
     subprocess.run(
@@ -49,33 +51,86 @@ def ensure_venv(requirements: Path) -> Path:
     return venv
 
 
-def ensure_wrk() -> str:
-    """Path of wrk; installs Debian's package (apt-get update once, then install) if missing."""
-    found = shutil.which("wrk")
+_apt_updated = False
+
+
+def _installed(package: str) -> bool:
+    out = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True
+    )
+    return out.returncode == 0 and out.stdout.strip().endswith(" installed")
+
+
+def ensure_debian_packages(packages: list[str]) -> None:
+    """`apt-get install` the Debian packages not installed yet (`apt-get update` once per run)."""
+    global _apt_updated
+    missing = [p for p in packages if not _installed(p)]
+    if not missing:
+        return
+    log(f"installing {', '.join(missing)} from Debian")
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    if not _apt_updated:
+        subprocess.run(sudo + ["apt-get", "update"], check=True, env=env)
+        _apt_updated = True
+    subprocess.run(
+        sudo + ["apt-get", "install", "-y", "--no-install-recommends", *missing], check=True, env=env
+    )
+
+
+def _ensure_tool(name: str, package: str, places: tuple[str, ...] = ()) -> str:
+    """Path of the program `name` (PATH, then `places`); installs Debian's `package` if missing."""
+    found = shutil.which(name) or next((p for p in places if os.access(p, os.X_OK)), None)
     if found:
         return found
-    sudo = [] if os.geteuid() == 0 else ["sudo"]
-    log("wrk not found: installing it from Debian")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    subprocess.run(sudo + ["apt-get", "update"], check=True, env=env)
-    subprocess.run(sudo + ["apt-get", "install", "-y", "wrk"], check=True, env=env)
-    found = shutil.which("wrk")
+    ensure_debian_packages([package])
+    found = shutil.which(name) or next((p for p in places if os.access(p, os.X_OK)), None)
     if not found:
-        raise RuntimeError("apt-get installed wrk but it is not on PATH")
+        raise RuntimeError(f"apt-get installed {package} but {name} is not on PATH")
     return found
+
+
+def ensure_wrk() -> str:
+    """Path of wrk; installs Debian's package when it is missing."""
+    return _ensure_tool("wrk", "wrk")
+
+
+def ensure_nginx() -> str:
+    """Path of nginx; installs Debian's `nginx-light` (the smallest build) when it is missing.
+
+    On a host whose init system runs services, Debian's package also starts its own nginx on
+    port 80 (`systemctl disable --now nginx` stops it); the benchmark never uses that one.
+    """
+    return _ensure_tool("nginx", "nginx-light", ("/usr/sbin/nginx",))
+
+
+def nginx_modules_left_out(nginx: str) -> set[str]:
+    """The http modules this nginx was built without (their directives would be unknown)."""
+    out = subprocess.run([nginx, "-V"], capture_output=True, text=True)
+    return modules_left_out(out.stdout + out.stderr)
+
+
+def modules_left_out(version_text: str) -> set[str]:
+    """`X` of every `--without-http_X_module` in the output of `nginx -V`."""
+    return set(re.findall(r"--without-http_(\w+?)_module", version_text))
 
 
 def build_forkscope(root: Path) -> Path:
     """`cargo build --release -p forkscope-server` and the binary's path."""
     log("cargo build --release -p forkscope-server")
     subprocess.run(["cargo", "build", "--release", "-p", "forkscope-server"], cwd=root, check=True)
-    target = Path(os.environ.get("CARGO_TARGET_DIR") or root / "target")
-    if not target.is_absolute():
-        target = root / target
-    binary = target / "release" / "forkscope-server"
+    binary = release_binary(root)
     if not binary.exists():
         raise RuntimeError(f"cargo built, but {binary} does not exist")
     return binary
+
+
+def release_binary(root: Path) -> Path:
+    """Where cargo puts the release forkscope-server (`$CARGO_TARGET_DIR` or target/)."""
+    target = Path(os.environ.get("CARGO_TARGET_DIR") or root / "target")
+    if not target.is_absolute():
+        target = root / target
+    return target / "release" / "forkscope-server"
 
 
 def forkscope_has_flag(binary: Path, flag: str) -> bool:
@@ -92,14 +147,16 @@ def _first_line(argv: list[str]) -> str:
     return text.splitlines()[0] if text else "unknown"
 
 
-def versions(venv: Path, wrk: str, forkscope: Path | None, root: Path) -> dict[str, str]:
+def versions(
+    venv: Path, wrk: str, forkscope: Path | None, root: Path, nginx: str | None = None
+) -> dict[str, str]:
     """The version of every server, framework and tool measured."""
     py = str(venv / "bin" / "python")
     meta = json.loads(
         subprocess.run(
             [py, "-c",
              "import json, sys, importlib.metadata as m\n"
-             "names = ['gunicorn', 'granian', 'uwsgi', 'flask', 'werkzeug']\n"
+             "names = ['gunicorn', 'granian', 'uwsgi', 'bjoern', 'flask', 'werkzeug']\n"
              "print(json.dumps({'python': sys.version.split()[0],"
              " **{n: m.version(n) for n in names}}))"],
             capture_output=True, text=True, check=True,
@@ -110,6 +167,8 @@ def versions(venv: Path, wrk: str, forkscope: Path | None, root: Path) -> dict[s
     wrk_line = _first_line([wrk, "-v"])
     m = re.match(r"wrk\s+(\S+)", wrk_line)
     out["wrk"] = m.group(1) if m else wrk_line
+    if nginx is not None:
+        out["nginx"] = _first_line([nginx, "-v"]).removeprefix("nginx version: nginx/")
     if forkscope is not None:
         out["forkscope-server"] = _first_line([str(forkscope), "--version"]).removeprefix(
             "forkscope-server "

@@ -96,6 +96,42 @@ def cpu_ticks(pid: int) -> int:
     return int(rest[11]) + int(rest[12])
 
 
+def tree_cpu(leader: int) -> dict[int, tuple[int | None, int]]:
+    """CPU so far of `leader` and every process below it: pid -> (start time, utime + stime)."""
+    return {pid: (proc_start_time(pid), cpu_ticks(pid)) for pid in [leader, *descendants(leader)]}
+
+
+def cpu_split(
+    before: dict[int, tuple[int | None, int]],
+    after: dict[int, tuple[int | None, int]],
+    leader: int,
+    seconds: float,
+) -> dict[str, object]:
+    """CPU-seconds each process of a server's tree used between two `tree_cpu` snapshots.
+
+    A process started in between (a new start time under a PID) counts from zero. One that
+    exited in between is counted in `exited`: what it used after the first snapshot is lost
+    (it is at most the window).
+    """
+    hz = os.sysconf("SC_CLK_TCK")
+
+    def used(pid: int) -> float:
+        start, ticks = after[pid]
+        prev_start, prev = before.get(pid, (start, 0))
+        return (ticks - (prev if prev_start == start else 0)) / hz
+
+    others = sorted(pid for pid in after if pid != leader)
+    leader_s = used(leader) if leader in after else 0.0
+    workers = [{"pid": pid, "cpu_s": round(used(pid), 3)} for pid in others]
+    return {
+        "seconds": round(seconds, 3),
+        "leader_s": round(leader_s, 3),
+        "workers": workers,
+        "total_s": round(leader_s + sum(w["cpu_s"] for w in workers), 3),
+        "exited": sum(1 for pid, (start, _) in before.items() if after.get(pid, (None,))[0] != start),
+    }
+
+
 def machine_busy_ticks() -> int:
     """Busy clock ticks of all CPUs since boot: user, nice, system and steal of /proc/stat.
 

@@ -8,7 +8,7 @@ import statistics
 from pathlib import Path
 
 from .servers import BASELINE, MEMORY_CONFIGS, THROUGHPUT_SERVERS
-from .throughput import APPS, Params, wrk_command
+from .throughput import APPS, Params, cpu_shares, worker_shares, wrk_command
 
 # Above this median share of the CPUs used by other processes, the document says it is noisy.
 NOISY_OTHER_CPU = 0.10
@@ -38,18 +38,38 @@ def _mib(kib: float | None) -> str:
     return "—" if kib is None else f"{kib / 1024:,.0f}"
 
 
+def per_cpu_second(sample: dict) -> float | None:
+    """Requests of the measured run per CPU-second the server's processes used in it."""
+    cpu = sample.get("cpu")
+    if not cpu or not cpu["total_s"] or "requests" not in sample:
+        return None
+    return sample["requests"] / cpu["total_s"]
+
+
+def uneven(cpu: dict, workers: int) -> bool:
+    """A worker used less than half of an equal share of the workers' CPU (idle beside busy
+    siblings). Only the `workers` busiest processes are weighed."""
+    if workers < 2 or not cpu["workers"]:
+        return False
+    shares = worker_shares(cpu)[0][:workers]
+    return len(shares) < workers or min(shares) < 0.5 * sum(shares) / workers
+
+
 def summarize(samples: list[dict]) -> dict[tuple[str, int, str], dict]:
-    """Per (app, workers, server): medians over rounds of req/s, p50 and p99, plus spread."""
+    """Per (app, workers, server): medians over rounds of req/s, req/CPU-s, p50 and p99, the
+    spread of req/s, and the samples themselves by round."""
     groups: dict[tuple[str, int, str], list[dict]] = {}
     for s in samples:
         groups.setdefault((s["app"], s["workers"], s["server"]), []).append(s)
     out = {}
     for key, group in groups.items():
-        ok = [s for s in group if "rps" in s]
+        ok = sorted((s for s in group if "rps" in s and "error" not in s), key=lambda s: s["round"])
         rps = [s["rps"] for s in ok]
         med = _median(rps)
         out[key] = {
             "rps": med,
+            "per_cpu": _median([v for v in map(per_cpu_second, ok) if v is not None]),
+            "rounds": ok,
             "p50": _median([s["p50_ms"] for s in ok if "p50_ms" in s]),
             "p99": _median([s["p99_ms"] for s in ok if "p99_ms" in s]),
             "n": len(ok),
@@ -78,46 +98,67 @@ def _throughput_section(raw: dict, lines: list[str]) -> None:
     lines += ["## Throughput and latency", ""]
     lines += [
         f"Median of {params.rounds} round(s) of `wrk -t{params.wrk_threads} -c{params.connections} "
-        f"-d{params.duration}s --latency` after a {params.warmup} s warm-up; requests/s, p50 and p99 "
-        "latency in milliseconds, and the requests/s as a ratio to gunicorn sync with the same "
-        "worker count.",
+        f"-d{params.duration}s --latency` after a {params.warmup} s warm-up: requests/s, the "
+        "requests/s as a ratio to gunicorn sync with the same worker count, **requests per server "
+        "CPU-second** (the requests of the measured run over the CPU time, user and system, of "
+        "every process of the server in it: the server's efficiency even where the load generator "
+        "bounds the requests/s), and p50 and p99 latency in milliseconds. Below each table, the "
+        "CPU split of each run.",
         "",
     ]
     spreads = []
     for app in APPS:
         if not any(s["app"] == app.key for s in samples):
             continue
+        rows = [s for s in order if any(k[0] == app.key and k[2] == s.key for k in summary)]
         lines += [f"### {app.label}", "", f"`bench/apps/{app.target.split(':')[0]}.py`, `{wrk_command(params, app)}`", ""]
         head = "| server |"
         rule = "| --- |"
         for w in workers:
             label = f"{w} worker" + ("s" if w != 1 else "")
-            head += f" {label}: req/s | × sync | p50 ms | p99 ms |"
-            rule += " ---: | ---: | ---: | ---: |"
+            head += f" {label}: req/s | × sync | req/CPU-s | p50 ms | p99 ms |"
+            rule += " ---: | ---: | ---: | ---: | ---: |"
         lines += [head, rule]
-        for server in order:
+        for server in rows:
             row = f"| {server.label} |"
             for w in workers:
                 cell = summary.get((app.key, w, server.key))
                 base = summary.get((app.key, w, BASELINE))
                 if cell is None or cell["rps"] is None:
-                    row += " failed |  |  |  |" if cell else " — |  |  |  |"
+                    row += " failed |  |  |  |  |" if cell else " — |  |  |  |  |"
                     continue
                 ratio = cell["rps"] / base["rps"] if base and base["rps"] else None
                 flag = " ⚠" if cell["errors"] or cell["failed"] else ""
                 flag += " †" if cell["read_errors"] else ""
-                row += f" {_fmt_rps(cell['rps'])}{flag} | {_fmt_ratio(ratio)} | {_fmt_ms(cell['p50'])} | {_fmt_ms(cell['p99'])} |"
+                row += (
+                    f" {_fmt_rps(cell['rps'])}{flag} | {_fmt_ratio(ratio)} | {_fmt_rps(cell['per_cpu'])} "
+                    f"| {_fmt_ms(cell['p50'])} | {_fmt_ms(cell['p99'])} |"
+                )
                 if cell["spread"] is not None:
                     spreads.append(cell["spread"])
             lines.append(row)
         lines.append("")
+        _cpu_split_table(summary, app.key, rows, workers, lines)
     if spreads:
         lines += [
             f"Run-to-run spread of requests/s ((max − min) / median over the rounds of one cell): "
             f"median {statistics.median(spreads):.0%}, largest {max(spreads):.0%}. "
-            "⚠ marks a cell with connect/write/timeout errors, non-2xx answers or a failed run; "
+            "⚠ marks a cell with connect/write/timeout errors, non-2xx answers or a failed run "
+            "(a run also fails when the app's calls do not match wrk's requests); "
             "† a cell where wrk counted read errors: the server closed connections after a "
-            "response without announcing `Connection: close`, so wrk reconnected (see the raw JSON).",
+            "response without announcing `Connection: close`, so wrk reconnected (see the raw JSON). "
+            "— : no such cell (bjoern is one process; nginx answers the hello response only).",
+            "",
+        ]
+    counted = [s for s in samples if "app_calls" in s]
+    if counted:
+        failed = sum(1 for s in counted if "error" in s)
+        lines += [
+            f"Counting check: in {len(counted)} measured runs, the app counted its calls (a counter "
+            "per thread in a small mmap'd file, the same code in every server; not nginx, which "
+            "runs no app) and the harness required "
+            f"requests ≤ calls ≤ requests + {params.connections} (the requests in flight when wrk "
+            f"stops): {'all passed' if not failed else f'{failed} failed and are left out above'}.",
             "",
         ]
     lines += ["Commands (shown for the first app and worker count; PORT chosen free at run time):", ""]
@@ -125,6 +166,11 @@ def _throughput_section(raw: dict, lines: list[str]) -> None:
         first = next(x for x in samples if x["server"] == server.key)
         lines.append(f"- {server.label}: `{_shorten(first['argv'], raw)}`")
     lines.append("")
+    for server in order:
+        first = next(x for x in samples if x["server"] == server.key)
+        for path, text in (first.get("config_files") or {}).items():
+            lines += [f"`{_shorten([path], raw)}` of {server.label}:", "", "```nginx",
+                      _shorten([text], raw).rstrip("\n"), "```", ""]  # fmt: skip
     others = sorted(x["other_cpu"] for x in samples if "other_cpu" in x)
     if others:
         lines += [
@@ -134,6 +180,33 @@ def _throughput_section(raw: dict, lines: list[str]) -> None:
             "",
         ]
     _goals(summary, workers, present, lines)
+    _goals_issue15(summary, workers, lines)
+
+
+def _split_text(cpu: dict, workers: int) -> str:
+    return f"**{cpu_shares(cpu)}**" if uneven(cpu, workers) else cpu_shares(cpu)
+
+
+def _cpu_split_table(summary: dict, app: str, rows: list, workers: list[int], lines: list[str]) -> None:
+    if not any("cpu" in s for k, c in summary.items() if k[0] == app for s in c["rounds"]):
+        return
+    lines += [
+        "CPU split: each worker's share of one core during the measured run, busiest first, then "
+        "after + the leader's; one figure per round (rounds in order, separated by ·); a server "
+        "of one process shows one figure. **Bold**: a worker used less than half of an equal "
+        "share of the workers' CPU.",
+        "",
+        "| server |" + "".join(f" {w} worker{'s' if w != 1 else ''} |" for w in workers),
+        "| --- |" + " --- |" * len(workers),
+    ]
+    for server in rows:
+        row = f"| {server.label} |"
+        for w in workers:
+            cell = summary.get((app, w, server.key))
+            splits = [_split_text(s["cpu"], w) for s in (cell or {}).get("rounds", []) if "cpu" in s]
+            row += f" {' · '.join(splits) or '—'} |"
+        lines.append(row)
+    lines.append("")
 
 
 def _goals(summary: dict, workers: list[int], present: set[str], lines: list[str]) -> None:
@@ -163,6 +236,68 @@ def _goals(summary: dict, workers: list[int], present: set[str], lines: list[str
                 row += f" {_fmt_ratio(c['rps'] / gran['rps'])} | {_fmt_ms(c['p99'])} |"
             row += f" {_fmt_ms(uw['p99']) if uw else '—'} |"
             lines.append(row)
+    lines.append("")
+
+
+def goal_rows(summary: dict, workers: list[int]) -> list[tuple[str, str, int, str, str, float, bool]]:
+    """The goals of issue 15, one row per cell measured: (goal, app, workers, forkscope's
+    figure, the reference's, forkscope / reference, met)."""
+    rows = []
+
+    def cell(app: str, w: int, key: str) -> dict | None:
+        c = summary.get((app, w, key))
+        return c if c and c["rps"] else None
+
+    for app in APPS:
+        fork, bj = cell(app.key, 1, "forkscope"), cell(app.key, 1, "bjoern")
+        if fork and bj:
+            rows.append(("≥ bjoern req/s", app.key, 1, _fmt_rps(fork["rps"]), _fmt_rps(bj["rps"]),
+                         fork["rps"] / bj["rps"], fork["rps"] >= bj["rps"]))  # fmt: skip
+            if fork["per_cpu"] and bj["per_cpu"]:
+                ratio = fork["per_cpu"] / bj["per_cpu"]
+                rows.append(("≥ bjoern req/CPU-s", app.key, 1, _fmt_rps(fork["per_cpu"]),
+                             _fmt_rps(bj["per_cpu"]), ratio, ratio >= 1))  # fmt: skip
+    fork, gran = cell("flask", 2, "forkscope"), cell("flask", 2, "granian")
+    if fork and gran:
+        by_round = {s["round"]: s["rps"] for s in gran["rounds"]}
+        ratios = [s["rps"] / by_round[s["round"]] for s in fork["rounds"] if s["round"] in by_round]
+        busy = not any(uneven(s["cpu"], 2) for s in fork["rounds"] if "cpu" in s)
+        if ratios:
+            low = min(ratios)
+            rows.append(("≥ 1.2× granian req/s in every round (lowest shown), both workers busy",
+                         "flask", 2, _fmt_rps(fork["rps"]) + ("" if busy else " (uneven)"),
+                         _fmt_rps(gran["rps"]), low, low >= 1.2 and busy))  # fmt: skip
+    for app in APPS:
+        for w in (w for w in workers if w in (2, 4)):
+            fork = cell(app.key, w, "forkscope")
+            rivals = [c["p99"] for c in (cell(app.key, w, "granian"), cell(app.key, w, "uwsgi")) if c and c["p99"]]
+            if fork and fork["p99"] and rivals:
+                best = min(rivals)
+                rows.append(("p99 ≤ best of granian and uWSGI", app.key, w, _fmt_ms(fork["p99"]),
+                             _fmt_ms(best), fork["p99"] / best, fork["p99"] <= best))  # fmt: skip
+    for w in workers:
+        fork, ngx = cell("hello", w, "forkscope"), cell("hello", w, "nginx")
+        if fork and ngx and fork["per_cpu"] and ngx["per_cpu"]:
+            ratio = fork["per_cpu"] / ngx["per_cpu"]
+            rows.append(("req/CPU-s within 10% of nginx", "hello", w, _fmt_rps(fork["per_cpu"]),
+                         _fmt_rps(ngx["per_cpu"]), ratio, ratio >= 0.9))  # fmt: skip
+    return rows
+
+
+def _goals_issue15(summary: dict, workers: list[int], lines: list[str]) -> None:
+    rows = goal_rows(summary, workers)
+    if not rows:
+        return
+    lines += [
+        "### Against the goals of issue 15",
+        "",
+        "forkscope-server (without `--threads`) against the reference of each goal, in the same run.",
+        "",
+        "| goal | app | workers | forkscope | reference | ratio | |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for goal, app, w, fork, ref, ratio, met in rows:
+        lines.append(f"| {goal} | {app} | {w} | {fork} | {ref} | {_fmt_ratio(ratio)} | {'meets' if met else 'misses'} |")
     lines.append("")
 
 
@@ -231,7 +366,7 @@ def _shorten(argv: list[str], raw: dict) -> str:
     """argv with machine-specific paths and the port replaced by short names."""
     paths = raw["meta"].get("paths", {})
     text = re.sub(r"(127\.0\.0\.1:|--port )\d+", r"\1PORT", " ".join(argv))
-    text = re.sub(r"runtime-\d+", "runtime", text)
+    text = re.sub(r"(runtime|nginx|calls)-\d+", r"\1", text)
     for name, path in sorted(paths.items(), key=lambda kv: -len(kv[1])):
         if path:
             text = text.replace(path, name)
@@ -274,7 +409,8 @@ def render(raw: dict, results_path: str) -> str:
         "- `$VENV` is the bench venv (`${FORKSCOPE_CACHE:-~/.cache/forkscope}/bench-venv`), `$TMP` a scratch directory",
     ]
     v = meta["versions"]
-    order = ["forkscope-server", "forkscope-commit", "forkscope-binary-built", "gunicorn", "granian", "uwsgi", "flask", "werkzeug", "python", "wrk"]
+    order = ["forkscope-server", "forkscope-commit", "forkscope-binary-built", "gunicorn", "granian", "uwsgi", "bjoern",
+             "nginx", "flask", "werkzeug", "python", "wrk"]
     lines.append("- " + ", ".join(f"{k} {v[k]}" for k in order if k in v))
     lines.append("")
     _throughput_section(raw, lines)
@@ -297,6 +433,15 @@ def render(raw: dict, results_path: str) -> str:
         "them; the other servers keep connections alive.",
         "- Latency percentiles are wrk's (`--latency`), which measures from the moment each "
         "request is sent on an open connection.",
+        "- CPU: the user and system time of the leader and of every process below it, read from "
+        "`/proc/PID/stat` just before and just after the measured wrk run. Requests per CPU-second "
+        "and the CPU split come from it. The kernel's work on loopback traffic in interrupts is "
+        "charged to no process, so it is in no server's figure.",
+        "- Every app counts its calls (`bench/apps/counting.py`, the same code whatever the "
+        "server) and a run whose calls do not match wrk's requests is a failed run.",
+        "- bjoern is one process (1-worker cells only), started by `bench/bjoern_serve.py`. nginx "
+        "answers the hello app's response from its configuration without any Python: the ceiling "
+        "for requests per CPU-second.",
         "",
     ]
     notes = meta.get("notes") or []

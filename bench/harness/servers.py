@@ -2,6 +2,8 @@
 
 A server is started with the same worker count, on 127.0.0.1, from an empty working directory
 (so no server picks up a stray config file) with the app directory given by its own option.
+Two rows are references rather than rivals: bjoern (one process, so 1-worker cells only) and
+nginx answering the hello app's response itself, without Python (the hello app only).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ class Context:
     forkscope: Path | None
     scratch: Path
     host: str = "127.0.0.1"
+    nginx: str | None = None
+    nginx_without: frozenset[str] = frozenset()  # http modules the nginx was built without
 
     def bin(self, name: str) -> str:
         return str(self.venv / "bin" / name)
@@ -55,6 +59,15 @@ class Server:
     family: str
     argv: Callable[[Context, str, int, int], list[str]]
     extra_env: tuple[tuple[str, str], ...] = ()
+    max_workers: int | None = None  # a single-process server serves 1-worker cells only
+    apps: tuple[str, ...] | None = None  # the apps it can serve (None: all)
+    runs_app: bool = True  # False: answers by itself (nginx), so the app counts no calls
+
+    def serves(self, app: str, workers: int) -> bool:
+        """Whether the server has a cell for this app and worker count."""
+        return (self.max_workers is None or workers <= self.max_workers) and (
+            self.apps is None or app in self.apps
+        )
 
 
 def _gunicorn(*flags: str):
@@ -95,6 +108,63 @@ def _forkscope(*flags: str):
     return build
 
 
+def _bjoern(ctx: Context, app: str, workers: int, port: int) -> list[str]:
+    if workers != 1:
+        raise RuntimeError("bjoern is a single process: 1 worker only")
+    return [
+        ctx.bin("python"), str(ctx.bench / "bjoern_serve.py"), "--chdir", str(ctx.apps),
+        "--host", ctx.host, "--port", str(port), app,
+    ]  # fmt: skip
+
+
+# What nginx answers: the hello app's body; the probe compares it with the app's.
+STATIC_BODY = "Hello, World!"
+
+
+def nginx_conf(workers: int, host: str, port: int, prefix: Path, without: frozenset[str]) -> str:
+    """An nginx.conf answering every request with the hello app's response (status, body and
+    Content-Type; nginx adds Content-Length), on `host` only, with every path under `prefix`.
+
+    Keep-alive connections are never closed by nginx (as by the WSGI servers measured), and no
+    request is logged. Run as root, nginx's workers switch to the unprivileged `nobody`.
+    """
+    temps = [f"client_body_temp_path {prefix}/client_body;"] + [
+        f"{module}_temp_path {prefix}/{module};"
+        for module in ("proxy", "fastcgi", "uwsgi", "scgi")
+        if module not in without
+    ]
+    lines = [
+        "daemon off;",
+        "master_process on;",
+        f"worker_processes {workers};",
+        f"pid {prefix}/nginx.pid;",
+        "error_log stderr warn;",
+        "events { worker_connections 1024; }",
+        "http {",
+        "    access_log off;",
+        "    keepalive_requests 1000000000;",
+        "    keepalive_timeout 75s;",
+        *(f"    {t}" for t in temps),
+        "    server {",
+        f"        listen {host}:{port};",
+        "        default_type text/plain;",
+        f'        location / {{ return 200 "{STATIC_BODY}"; }}',
+        "    }",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _nginx(ctx: Context, app: str, workers: int, port: int) -> list[str]:
+    if ctx.nginx is None:
+        raise RuntimeError("nginx was not found")
+    prefix = ctx.scratch / f"nginx-{port}"
+    prefix.mkdir(parents=True, exist_ok=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(nginx_conf(workers, ctx.host, port, prefix, ctx.nginx_without))
+    return [ctx.nginx, "-p", str(prefix), "-c", str(conf), "-e", "stderr"]
+
+
 # Throughput: the baseline (ratios are to it) comes first.
 BASELINE = "gunicorn-sync"
 THROUGHPUT_SERVERS = [
@@ -106,6 +176,9 @@ THROUGHPUT_SERVERS = [
     Server("forkscope", "forkscope-server", "forkscope", _forkscope()),
     Server("forkscope-threads", "forkscope-server --threads 4", "forkscope",
            _forkscope("--threads", "4")),
+    Server("bjoern", "bjoern (one process)", "bjoern", _bjoern, max_workers=1),
+    Server("nginx", "nginx `return 200` (no Python)", "nginx", _nginx, apps=("hello",),
+           runs_app=False),
 ]  # fmt: skip
 
 # Memory: leader + 4 workers serving bench/apps/bigmem.py.

@@ -3,18 +3,27 @@
 One sample = one server started fresh for one (round, app, worker count): readiness by polling
 (port, then a 200), a warm-up wrk run, the measured `wrk --latency` run, then the server is
 stopped by PID. The servers' order rotates from round to round so none always runs first.
+
+During the measured run the CPU of every process of the server's tree is recorded (leader and
+each worker). Every app counts its calls (bench/apps/counting.py): the calls made during the
+measured run must match the requests wrk reports, or the sample is an error. (nginx, which
+answers without the app, is not counted.)
 """
 
 from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import processes, servers
 from .environment import log
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "apps"))
+import counting  # noqa: E402  (bench/apps/counting.py: the counters' file format)
 
 
 @dataclass(frozen=True)
@@ -29,6 +38,7 @@ class App:
     wrk_script: str | None = None  # relative to bench/
     probe_body: bytes | None = None
     expect: bytes | None = None  # the body a correct answer to the probe carries
+    counts: bool = True  # counts its calls when BENCH_COUNT_DIR is set (bench/apps/counting.py)
 
 
 APPS = [
@@ -118,6 +128,37 @@ def _check_answer(running: processes.Running, app: App) -> None:
         )
 
 
+def check_calls(calls: int, requests: int, connections: int) -> str | None:
+    """Why `calls` of the app cannot be the `requests` wrk reports, or None when they can.
+
+    Every response wrk counts must have come from one call of the app; the app may have been
+    called for a few more: the requests still in flight when wrk stopped, at most one per
+    connection.
+    """
+    if calls < requests:
+        return f"the app was called {calls} times for the {requests} requests wrk reports"
+    if calls > requests + connections:
+        return (
+            f"the app was called {calls} times for the {requests} requests wrk reports "
+            f"(at most {connections} more can have been in flight)"
+        )
+    return None
+
+
+def _settled_calls(directory: Path, quiet_s: float = 0.2, deadline_s: float = 3.0) -> int:
+    """The app's call count once it has not moved for `quiet_s` (the requests still in flight
+    when wrk stopped have finished), or at the deadline."""
+    end = time.monotonic() + deadline_s
+    last, since = counting.total(directory), time.monotonic()
+    while True:
+        time.sleep(0.05)
+        now = counting.total(directory)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s or time.monotonic() > end:
+            return now
+
+
 def measure_one(
     ctx: servers.Context, wrk: str, server: servers.Server, app: App, workers: int, params: Params
 ) -> dict[str, object]:
@@ -130,10 +171,18 @@ def measure_one(
         "argv": argv,
         "loadavg_before": processes.loadavg(),
     }
+    # Configuration files the harness wrote for the server (nginx's), kept with the sample.
+    written = {a: Path(a).read_text() for a in argv if a.startswith(f"{ctx.scratch}/") and Path(a).is_file()}
+    if written:
+        sample["config_files"] = written
     log_path = ctx.scratch / "logs" / f"{server.key}-{app.key}-w{workers}-{port}.log"
-    running = processes.start(
-        server.key, argv, ctx.env(dict(server.extra_env)), ctx.scratch, log_path, ctx.host, port
-    )
+    env = dict(server.extra_env)
+    count_dir = None
+    if app.counts and server.runs_app:
+        count_dir = ctx.scratch / f"calls-{port}"
+        count_dir.mkdir(parents=True)
+        env[counting.ENV] = str(count_dir)
+    running = processes.start(server.key, argv, ctx.env(env), ctx.scratch, log_path, ctx.host, port)
     try:
         started = time.monotonic()
         running.wait_ok(app.path, app.method, app.probe_body, started + 120)
@@ -145,12 +194,23 @@ def measure_one(
             run_wrk(wrk, url, params.warmup, params, script)
         running.check_alive()
         running.remember_children()
+        calls_before = _settled_calls(count_dir) if count_dir else 0
         other = processes.OtherCpu([running.pid, *running.seen])
+        cpu_before = processes.tree_cpu(running.pid)
+        wrk_started = time.monotonic()
         text = run_wrk(wrk, url, params.duration, params, script)
+        wrk_seconds = time.monotonic() - wrk_started
+        cpu_after = processes.tree_cpu(running.pid)
         sample["other_cpu"] = round(other.share(), 4)
         running.check_alive()
+        sample["cpu"] = processes.cpu_split(cpu_before, cpu_after, running.pid, wrk_seconds)
         sample.update(parse_wrk(text))
         sample["wrk_output"] = text
+        if count_dir:
+            sample["app_calls"] = _settled_calls(count_dir) - calls_before
+            problem = check_calls(sample["app_calls"], sample.get("requests", -1), params.connections)
+            if problem:
+                raise RuntimeError(f"counting check failed: {problem}")
     except (processes.ServerFailed, RuntimeError, ValueError, subprocess.TimeoutExpired) as e:
         sample["error"] = str(e)
         log(f"  ERROR {server.key} {app.key} w={workers}: {str(e).splitlines()[0]}")
@@ -168,21 +228,61 @@ def measure(
 ) -> list[dict[str, object]]:
     """All samples: for each round, app and worker count, every server once (rotated order)."""
     samples = []
-    total = params.rounds * len(apps) * len(params.workers) * len(chosen)
-    n = 0
+    total = len(plan(chosen, apps, params))
+    for n, (rnd, app, workers, server) in enumerate(plan(chosen, apps, params), 1):
+        sample = measure_one(ctx, wrk, server, app, workers, params)
+        sample["round"] = rnd
+        samples.append(sample)
+        if "rps" in sample and "error" not in sample:
+            cpu = sample["cpu"]
+            per_cpu = sample.get("requests", 0) / cpu["total_s"] if cpu["total_s"] else 0
+            log(
+                f"[{n}/{total}] round {rnd} {app.key} w={workers} {server.key}: "
+                f"{sample['rps']:.0f} req/s, {per_cpu:.0f} req/CPU-s, "
+                f"p50 {sample.get('p50_ms', 0):.2f} ms, p99 {sample.get('p99_ms', 0):.2f} ms, "
+                f"CPU {cpu_shares(cpu)}"
+            )
+    return samples
+
+
+def plan(
+    chosen: list[servers.Server], apps: list[App], params: Params
+) -> list[tuple[int, App, int, servers.Server]]:
+    """Every (round, app, workers, server) measured, in order: per round, app and worker count,
+    every server that has that cell, in an order rotated by one from round to round."""
+    out = []
     for rnd in range(params.rounds):
+        shift = rnd % len(chosen) if chosen else 0
         for app in apps:
             for workers in params.workers:
-                shift = rnd % len(chosen)
                 for server in chosen[shift:] + chosen[:shift]:
-                    n += 1
-                    sample = measure_one(ctx, wrk, server, app, workers, params)
-                    sample["round"] = rnd + 1
-                    samples.append(sample)
-                    if "rps" in sample:
-                        log(
-                            f"[{n}/{total}] round {rnd + 1} {app.key} w={workers} {server.key}: "
-                            f"{sample['rps']:.0f} req/s p50 {sample.get('p50_ms', 0):.2f} ms "
-                            f"p99 {sample.get('p99_ms', 0):.2f} ms"
-                        )
-    return samples
+                    if server.serves(app.key, workers):
+                        out.append((rnd + 1, app, workers, server))
+    return out
+
+
+# Seconds a sample takes beyond its wrk runs: start-up to the first 200, the probe, reading the
+# counters (0.2 s of quiet each time), stopping (measured: 1 to 1.5 s).
+SAMPLE_OVERHEAD_S = 1.5
+
+
+def estimate_seconds(samples: int, params: Params) -> float:
+    """How long the throughput samples take: warm-up, measured run and overhead each."""
+    return samples * (params.warmup + params.duration + SAMPLE_OVERHEAD_S)
+
+
+def worker_shares(cpu: dict) -> tuple[list[float], float]:
+    """The processes' shares of one core during the measured run: those serving, busiest
+    first, and the leader's. A server of one process (bjoern) is its own single worker."""
+    seconds = cpu["seconds"] or 1.0
+    if not cpu["workers"]:
+        return [cpu["leader_s"] / seconds], 0.0
+    shares = sorted((w["cpu_s"] / seconds for w in cpu["workers"]), reverse=True)
+    return shares, cpu["leader_s"] / seconds
+
+
+def cpu_shares(cpu: dict) -> str:
+    """`97/95 +2` : percent of one core per worker, busiest first, then the leader's."""
+    shares, leader = worker_shares(cpu)
+    text = "/".join(f"{100 * s:.0f}" for s in shares)
+    return text if not cpu["workers"] else f"{text} +{100 * leader:.0f}"

@@ -61,10 +61,14 @@ class Select(unittest.TestCase):
         self.assertEqual(self.keys(["granian"], True, servers.MEMORY_CONFIGS), [])
 
 
-def _sample(server, rnd, rps, app="hello", workers=1):
+def _sample(server, rnd, rps, app="hello", workers=1, cpu=(0.0, 1.0)):
+    """A sample of a 1 s run (requests = rps); `cpu`: leader's CPU-s, then each worker's."""
+    leader, *each = cpu
     return {"server": server, "app": app, "workers": workers, "round": rnd, "rps": rps,
-            "p50_ms": 1.0, "p99_ms": 2.0, "socket_errors": {}, "non_2xx": 0,
-            "argv": ["/venv/bin/x", "-b", "127.0.0.1:4242"], "other_cpu": 0.01}  # fmt: skip
+            "requests": rps, "p50_ms": 1.0, "p99_ms": 2.0, "socket_errors": {}, "non_2xx": 0,
+            "argv": ["/venv/bin/x", "-b", "127.0.0.1:4242"], "other_cpu": 0.01,
+            "cpu": {"seconds": 1.0, "leader_s": leader, "total_s": leader + sum(each), "exited": 0,
+                    "workers": [{"pid": 100 + i, "cpu_s": c} for i, c in enumerate(each)]}}  # fmt: skip
 
 
 class Render(unittest.TestCase):
@@ -97,6 +101,65 @@ class Render(unittest.TestCase):
         self.assertIn("$VENV/bin/x -b 127.0.0.1:PORT", text)
         self.assertIn("50 MiB, meets it", text)
         self.assertNotIn("Noisy machine", text)
+
+    def test_requests_per_cpu_second_and_split(self):
+        raw = self.raw()
+        raw["meta"]["params"]["workers"] = [1, 2]
+        raw["throughput"] = [
+            _sample("forkscope", 1, 1000, cpu=(0.0, 0.5)),
+            _sample("forkscope", 1, 2000, workers=2, cpu=(0.02, 1.0, 0.0)),
+            _sample("forkscope", 2, 3000, workers=2, cpu=(0.02, 0.5, 0.49)),
+            _sample("bjoern", 1, 900, cpu=(0.9,)),
+            _sample("nginx", 1, 1500, cpu=(0.0, 0.75)),
+            _sample("forkscope", 1, 500, app="flask"),
+        ]
+        text = report.render(raw, "x")
+        # forkscope, 1 worker: 1000 requests / 0.5 CPU-s; 2 workers: median of 2000/1.02, 3000/1.01
+        self.assertIn("| forkscope-server | 1,000 | — | 2,000 | 1.00 | 2.00 | 2,500 | — | 2,466 |", text)
+        self.assertIn("| bjoern (one process) | 900 | — | 1,000 | 1.00 | 2.00 | — |", text)
+        # CPU split: percent of one core per worker, busiest first, + leader; uneven rounds bold
+        self.assertIn("| forkscope-server | 50 +0 | **100/0 +2** · 50/49 +2 |", text)
+        self.assertIn("| bjoern (one process) | 90 | — |", text)
+        flask = text[text.index("### Flask hello") : text.index("Run-to-run")]
+        self.assertIn("forkscope-server", flask)
+        self.assertNotIn("nginx", flask)  # a server is a row only of the apps it ran
+        # goals of issue 15
+        self.assertIn("| ≥ bjoern req/s | hello | 1 | 1,000 | 900 | 1.11× | meets |", text)
+        self.assertIn("| ≥ bjoern req/CPU-s | hello | 1 | 2,000 | 1,000 | 2.00× | meets |", text)
+        self.assertIn("| req/CPU-s within 10% of nginx | hello | 1 | 2,000 | 2,000 | 1.00× | meets |", text)
+
+    def test_a_failed_counting_check_leaves_the_sample_out(self):
+        raw = self.raw()
+        for s in raw["throughput"]:
+            s["app_calls"] = s["requests"]
+        bad = raw["throughput"][5]  # granian round 3 (5000 req/s)
+        bad["error"] = "counting check failed: the app was called 1 times"
+        text = report.render(raw, "x")
+        self.assertIn("| granian --interface wsgi | 950 ⚠ | 4.75× |", text)  # median of 1000, 900
+        self.assertIn("in 9 measured runs,", text)
+        self.assertIn("1 failed and are left out above", text)
+
+    def test_flask_two_workers_against_granian_round_by_round(self):
+        raw = self.raw()
+        raw["meta"]["params"]["workers"] = [2]
+        raw["throughput"] = [
+            _sample("granian", 1, 1000, "flask", 2, (0, 1, 1)),
+            _sample("granian", 2, 2000, "flask", 2, (0, 1, 1)),
+            _sample("forkscope", 1, 1300, "flask", 2, (0, 1, 1)),
+            _sample("forkscope", 2, 2200, "flask", 2, (0, 1, 1)),  # 1.1× granian's round 2
+        ]
+        rows = report.goal_rows(report.summarize(raw["throughput"]), [2])
+        goal = [r for r in rows if r[0].startswith("≥ 1.2× granian")]
+        self.assertEqual(len(goal), 1)
+        self.assertAlmostEqual(goal[0][5], 1.1)
+        self.assertFalse(goal[0][6])
+
+    def test_uneven_needs_half_an_equal_share(self):
+        cpu = _sample("x", 1, 1, cpu=(0.0, 0.6, 0.3, 0.2, 0.1))["cpu"]
+        self.assertFalse(report.uneven(cpu, 1))
+        self.assertTrue(report.uneven(cpu, 4))  # 0.1 < half of 1.2/4
+        cpu = _sample("x", 1, 1, cpu=(0.0, 0.4, 0.3, 0.3, 0.2))["cpu"]
+        self.assertFalse(report.uneven(cpu, 4))
 
     def test_busy_machine_is_called_noisy(self):
         raw = self.raw()
