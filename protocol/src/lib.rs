@@ -12,6 +12,7 @@
 //!   {pid}/                     one folder per leader or worker process, named by its PID
 //!     process.json             ProcessInfo, written when the process starts
 //!     requests.bin             a leader's per-slot request counters (see `requests`)
+//!     recycles/{pid}.json      a leader's record of a worker it recycled (see `recycle`)
 //!     command.json             Command, written by a program before it rings the doorbell (SIGUSR2)
 //!     results/{id}.{action}.json   CommandResult, one per handled command
 //! ```
@@ -25,6 +26,7 @@
 //! - [`command`]: what a program asks a worker to do.
 //! - [`result`]: what a worker answers: heap diffs and stack dumps.
 //! - [`title`]: the process titles the server sets and the sidecar discovers roles by.
+//! - [`recycle`]: why a worker was recycled, with the heap diff captured before.
 //! - [`requests`]: per-slot request counters, shared by the workers through a mapped file.
 //! - [`smaps`]: memory counters from `smaps_rollup`, read by both.
 //! - [`files`]: safe opens, bounded reads, atomic writes.
@@ -32,6 +34,7 @@
 pub mod command;
 pub mod files;
 pub mod paths;
+pub mod recycle;
 pub mod requests;
 pub mod result;
 pub mod smaps;

@@ -34,6 +34,11 @@ impl RuntimeDir {
         self.process_dir(pid).join("requests.bin")
     }
 
+    /// The records of workers leader `pid` recycled (see [`crate::recycle`]).
+    pub fn recycles_dir(&self, pid: u32) -> PathBuf {
+        self.process_dir(pid).join("recycles")
+    }
+
     /// The command file a program writes before it rings the doorbell of worker `pid`.
     pub fn command(&self, pid: u32) -> PathBuf {
         self.process_dir(pid).join("command.json")

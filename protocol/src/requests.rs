@@ -21,6 +21,8 @@
 //!            23        sum of request durations, microseconds
 //!            24        response body bytes sent
 //!            25        requests that ended in an exception
+//!            [26..29)  workers of the slot recycled: memory, max_requests, timeout
+//!                      (RecycleReason::ALL order)
 //! workers  WORKERS records of 2 words, one per live worker process: its slot + 1 (0 = free),
 //!          and its requests in flight (the leader clears a record when it reaps the worker,
 //!          so a worker killed mid-request leaves no phantom request behind)
@@ -61,6 +63,8 @@ pub mod word {
     pub const BYTES_OUT: usize = DURATION_SUM + 1;
     /// Requests that ended in an exception.
     pub const EXCEPTIONS: usize = BYTES_OUT + 1;
+    /// First of the recycle counters, one per [`crate::recycle::RecycleReason::ALL`].
+    pub const RECYCLES: usize = EXCEPTIONS + 1;
 }
 
 /// Status classes in the order of their counters, as the `code` label shows them.
@@ -80,7 +84,7 @@ pub fn bucket(micros: u64) -> usize {
 }
 
 const _: () = assert!(
-    word::EXCEPTIONS < SLOT_WORDS,
+    word::RECYCLES + crate::recycle::RecycleReason::ALL.len() <= SLOT_WORDS,
     "a slot's counters fit its record"
 );
 
@@ -121,6 +125,8 @@ pub struct SlotRequests {
     pub bytes_out: u64,
     /// Requests that ended in an exception.
     pub exceptions: u64,
+    /// Workers recycled, by [`crate::recycle::RecycleReason::ALL`].
+    pub recycles: [u64; 3],
     /// Requests running now, summed over the slot's live workers.
     pub in_flight: u64,
 }
@@ -188,10 +194,16 @@ fn decode(words: &[u64]) -> Vec<SlotRequests> {
                 duration_sum_micros: r[word::DURATION_SUM],
                 bytes_out: r[word::BYTES_OUT],
                 exceptions: r[word::EXCEPTIONS],
+                recycles: r[word::RECYCLES..word::RECYCLES + 3]
+                    .try_into()
+                    .expect("three recycle words"),
                 in_flight: in_flight[slot],
             };
-            (counts.count() > 0 || counts.in_flight > 0 || counts.by_status.iter().any(|&n| n > 0))
-                .then_some(counts)
+            let active = counts.count() > 0
+                || counts.in_flight > 0
+                || counts.by_status.iter().any(|&n| n > 0)
+                || counts.recycles.iter().any(|&n| n > 0);
+            active.then_some(counts)
         })
         .collect()
 }

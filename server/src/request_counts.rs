@@ -16,6 +16,7 @@ use forkscope_protocol::requests::{
 };
 
 use crate::slot_table::SlotTable;
+use forkscope_protocol::recycle::RecycleReason;
 
 /// The mapped counters file of one leader; a copy is a pointer to memory that stays mapped
 /// until the process exits.
@@ -73,6 +74,14 @@ impl RequestCounts {
         }
     }
 
+    /// A worker of `slot` was recycled (the leader books memory and timeouts).
+    pub fn recycled(&self, slot: u32, reason: RecycleReason) {
+        if (slot as usize) < SLOTS {
+            let at = HEADER_WORDS + slot as usize * SLOT_WORDS + recycle_word(reason);
+            self.word(at).fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// What a worker in `slot` with record `cell` counts into (`None` past the file's slots).
     pub fn worker(&self, slot: u32, cell: Option<u32>) -> Option<WorkerCounts> {
         ((slot as usize) < SLOTS).then(|| WorkerCounts {
@@ -100,6 +109,11 @@ impl WorkerCounts {
             .fetch_add(n, Ordering::Relaxed);
     }
 
+    /// This worker retires itself (`--max-requests`).
+    pub fn recycled(&self, reason: RecycleReason) {
+        self.add(recycle_word(reason), 1);
+    }
+
     /// A request goes to the app.
     pub fn begin(&self) {
         if let Some(at) = self.in_flight {
@@ -124,6 +138,14 @@ impl WorkerCounts {
             self.counts.word(at).fetch_sub(1, Ordering::Relaxed);
         }
     }
+}
+
+fn recycle_word(reason: RecycleReason) -> usize {
+    let index = RecycleReason::ALL
+        .iter()
+        .position(|r| *r == reason)
+        .expect("every reason is listed");
+    word::RECYCLES + index
 }
 
 #[cfg(test)]

@@ -93,6 +93,14 @@ pub struct ProcessList {
     pub leaders: Vec<LeaderView>,
 }
 
+/// `GET /v1/recycles`: newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RecycleList {
+    /// What each running leader recorded (it keeps its newest
+    /// [`forkscope_protocol::recycle::KEPT`]).
+    pub recycles: Vec<forkscope_protocol::recycle::Recycle>,
+}
+
 /// What a profile session collects.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]

@@ -117,6 +117,14 @@ impl Client {
             .await
     }
 
+    /// `GET /v1/recycles`.
+    ///
+    /// # Errors
+    /// Transport or API errors.
+    pub async fn recycles(&self) -> Result<crate::api::RecycleList, ClientError> {
+        self.call::<(), _>(Method::GET, paths::RECYCLES, None).await
+    }
+
     /// `POST /v1/profiles`.
     ///
     /// # Errors

@@ -52,6 +52,8 @@ pub mod memory;
 #[cfg(feature = "service")]
 pub mod metrics;
 #[cfg(feature = "service")]
+pub mod recycles;
+#[cfg(feature = "service")]
 pub mod request_metrics;
 #[cfg(feature = "service")]
 pub mod routes;

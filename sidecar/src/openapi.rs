@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use crate::api::{
     ErrorBody, Health, LeaderActionResult, LeaderSelector, ProcessList, ProfileRequest,
-    ScaleRequest, Session, SessionList,
+    RecycleList, ScaleRequest, Session, SessionList,
 };
 use crate::paths;
 
@@ -33,6 +33,7 @@ pub fn document() -> Value {
         "schema": { "type": "string" }
     }]);
     let process_list = schema::<ProcessList>(&mut g);
+    let recycle_list = schema::<RecycleList>(&mut g);
     let session = schema::<Session>(&mut g);
     let session_list = schema::<SessionList>(&mut g);
     let profile_request = schema::<ProfileRequest>(&mut g);
@@ -64,6 +65,10 @@ pub fn document() -> Value {
         (paths::PROCESSES): { "get": {
             "summary": "Leaders and their workers with memory, CPU and start time",
             "responses": { "200": ok("Processes", process_list), "401": err("Missing or wrong token") }
+        }},
+        (paths::RECYCLES): { "get": {
+            "summary": "Workers the leaders recycled on memory (--max-worker-memory), newest first, with the heap diff captured before",
+            "responses": { "200": ok("Recycles", recycle_list), "401": err("Missing or wrong token") }
         }},
         (paths::PROFILES): {
             "post": {

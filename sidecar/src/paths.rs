@@ -14,6 +14,8 @@ pub const METRICS: &str = "/metrics";
 pub const OPENAPI: &str = "/v1/openapi.json";
 /// `GET`: leaders and workers with their memory.
 pub const PROCESSES: &str = "/v1/processes";
+/// `GET`: the workers the leaders recycled on memory, with the heap diffs captured before.
+pub const RECYCLES: &str = "/v1/recycles";
 /// `POST` starts a profile session, `GET` lists them.
 pub const PROFILES: &str = "/v1/profiles";
 /// `GET` one session, `DELETE` cancels it.
@@ -31,12 +33,13 @@ pub const LEADER_REOPEN_LOGS: &str = "/v1/leader/reopen-logs";
 pub const OPEN: [&str; 3] = [HEALTHZ, READYZ, METRICS];
 
 /// Every route, the open ones first.
-pub const ALL: [&str; 11] = [
+pub const ALL: [&str; 12] = [
     HEALTHZ,
     READYZ,
     METRICS,
     OPENAPI,
     PROCESSES,
+    RECYCLES,
     PROFILES,
     PROFILE,
     PROFILE_CAPTURE,

@@ -4,6 +4,7 @@
 //! across worker restarts and start over only with a new leader (a reset `rate()` handles).
 
 use forkscope_protocol::RuntimeDir;
+use forkscope_protocol::recycle::RecycleReason;
 use forkscope_protocol::requests::{self, BUCKETS_MICROS, STATUS_CLASSES, SlotRequests};
 use prometheus::core::Collector;
 use prometheus::proto::{Bucket, Histogram, LabelPair, Metric, MetricFamily, MetricType};
@@ -42,6 +43,15 @@ pub fn families(
         "forkscope_http_exceptions_total",
         "Requests of a slot that ended in an exception (the app's, or a failed write).",
     );
+    let recycles = IntCounterVec::new(
+        Opts::new(
+            "forkscope_worker_recycles_total",
+            "Workers of a slot the server retired on purpose, by reason: memory \
+             (--max-worker-memory), max_requests, timeout.",
+        ),
+        &["server", "app", "slot", "reason"],
+    )
+    .expect("constant metric");
     let in_flight = GaugeVec::new(
         Opts::new(
             "forkscope_http_requests_in_flight",
@@ -91,13 +101,18 @@ pub fn families(
                     .with_label_values(&[server, app.as_str(), slot.as_str(), class])
                     .inc_by(n);
             }
+            for (reason, n) in RecycleReason::ALL.iter().zip(s.recycles) {
+                recycles
+                    .with_label_values(&[server, app.as_str(), slot.as_str(), reason.as_str()])
+                    .inc_by(n);
+            }
             bytes.with_label_values(&labels).inc_by(s.bytes_out);
             exceptions.with_label_values(&labels).inc_by(s.exceptions);
             in_flight.with_label_values(&labels).set(s.in_flight as f64);
             durations.mut_metric().push(histogram(&labels, s));
         }
     }
-    let mut out: Vec<MetricFamily> = [requests, bytes, exceptions]
+    let mut out: Vec<MetricFamily> = [requests, recycles, bytes, exceptions]
         .iter()
         .flat_map(Collector::collect)
         .collect();

@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 
 use crate::api::{
     API_PREFIX, Health, LeaderActionResult, LeaderSelector, ProcessList, ProfileRequest,
-    ScaleRequest, Session, SessionList,
+    RecycleList, ScaleRequest, Session, SessionList,
 };
 use crate::error::ApiError;
 use crate::paths::{self, under_prefix};
@@ -64,6 +64,7 @@ pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .route(under_prefix(paths::OPENAPI), get(openapi_doc))
         .route(under_prefix(paths::PROCESSES), get(processes))
+        .route(under_prefix(paths::RECYCLES), get(recycles))
         .route(
             under_prefix(paths::PROFILES),
             post(start_profile).get(list_profiles),
@@ -187,6 +188,14 @@ async fn openapi_doc() -> Json<serde_json::Value> {
 async fn processes(State(state): State<AppState>) -> Result<Json<ProcessList>, ApiError> {
     let source = state.source.clone();
     tokio::task::spawn_blocking(move || source.list())
+        .await
+        .map(Json)
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+async fn recycles(State(state): State<AppState>) -> Result<Json<RecycleList>, ApiError> {
+    let (source, runtime) = (state.source.clone(), state.runtime.clone());
+    tokio::task::spawn_blocking(move || crate::recycles::list(&source.scan(), &runtime))
         .await
         .map(Json)
         .map_err(|e| ApiError::Internal(e.to_string()))

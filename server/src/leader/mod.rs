@@ -9,6 +9,7 @@
 //! ([`reload`]), USR2 upgrade in place ([`upgrade`]), WINCH, TTIN/TTOU, USR1 log reopening,
 //! timeouts, and the config file's hooks ([`crate::hooks`]) at gunicorn's moments.
 
+pub mod memory_watch;
 pub mod ready;
 pub mod reload;
 pub mod signals;
@@ -34,6 +35,7 @@ use crate::listeners::Listener;
 use crate::python::AppSpec;
 use crate::settings::Settings;
 use crate::worker::WorkerExit;
+use forkscope_protocol::recycle::RecycleReason;
 use forkscope_protocol::{Role, RuntimeDir};
 use signals::{LeaderSignal, SignalPipe};
 use slots::{Slots, WorkerProc};
@@ -72,6 +74,8 @@ pub struct Leader {
     load_cells: crate::balance::Cells,
     /// Per-slot request counters the sidecar exports (see [`crate::request_counts`]).
     request_counts: Option<crate::request_counts::RequestCounts>,
+    /// `--max-worker-memory` (see [`memory_watch`]).
+    memory_watch: Option<memory_watch::MemoryWatch>,
     /// Which worker of each slot serves (see [`ready`]).
     ready: ready::Ready,
     slots: Slots,
@@ -210,6 +214,7 @@ impl Leader {
             ready: ready::Ready::new().context("cannot map the readiness table")?,
             load_cells: crate::balance::Cells::new().context("cannot map the load table")?,
             request_counts,
+            memory_watch: memory_watch::MemoryWatch::from_settings(&settings)?,
             slots: Slots::default(),
             target,
             runtime,
@@ -282,6 +287,7 @@ impl Leader {
                 continue;
             }
             self.murder();
+            self.watch_memory();
             self.manage();
         }
     }
@@ -424,6 +430,9 @@ impl Leader {
             let Some((slot, worker)) = self.slots.remove_pid(pid) else {
                 continue;
             };
+            if let Some(watch) = self.memory_watch.as_mut() {
+                watch.forget(pid.as_raw());
+            }
             if let Some(cell) = worker.load_cell {
                 self.load_cells.release(cell);
                 if let Some(counts) = &self.request_counts {
@@ -525,6 +534,9 @@ impl Leader {
                 .collect();
             for (slot, pid) in late {
                 crate::critical!("WORKER TIMEOUT (pid:{pid})");
+                if let Some(counts) = &self.request_counts {
+                    counts.recycled(slot, RecycleReason::Timeout);
+                }
                 self.slots.retire(slot, true);
                 // The worker dumps every thread's stack to the error log (faulthandler), runs
                 // the worker_abort hook when Python gets to it, and exits.

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod docs;
 pub mod load;
+pub mod memory;
 pub mod unsupported;
 
 pub use load::{Loaded, load, load_with_env};
@@ -197,6 +198,37 @@ pub struct Settings {
         default_value_t = 0
     )]
     pub max_requests_jitter: u64,
+
+    /// Retire a worker gracefully once its private memory stays above this size (0 = never).
+    ///
+    /// Private memory (USS, from `smaps_rollup`) is what the worker's exit frees; RSS would count
+    /// the pages it shares copy-on-write with the leader and recycle the wrong workers. The
+    /// leader checks every 2 s and recycles a worker over the limit on 3 checks in a row, the
+    /// way `--max-requests` does: in-flight requests finish and the slot is refilled at once.
+    /// Sizes as Kubernetes writes them (`512Mi`, `1G`) or bytes.
+    #[arg(
+        long = "max-worker-memory",
+        value_name = "SIZE",
+        env = "FORKSCOPE_MAX_WORKER_MEMORY",
+        default_value = "0",
+        value_parser = memory::parse_size
+    )]
+    pub max_worker_memory: u64,
+
+    /// Start tracing allocations in a worker whose private memory crosses this size, or this
+    /// share of `--max-worker-memory` (`0.8`, `80%`), so that a heap diff is captured before it
+    /// is recycled.
+    ///
+    /// The diff lands in the log and in the runtime directory (`{leader}/recycles/{pid}.json`,
+    /// listed by the sidecar); only workers above the threshold pay for tracing. In a config
+    /// file, write it as a string (`"80%"`).
+    #[arg(
+        long = "memory-watch-threshold",
+        value_name = "SIZE|SHARE",
+        env = "FORKSCOPE_MEMORY_WATCH_THRESHOLD",
+        value_parser = memory::parse_threshold
+    )]
+    pub memory_watch_threshold: Option<memory::Threshold>,
 
     /// The maximum size in bytes of the request line (method, target, version).
     ///

@@ -690,6 +690,9 @@ impl EventLoop {
         }
         if retire && served == max {
             log::info!("Autorestarting worker after current request.");
+            if let Some(c) = &self.shared.id.requests {
+                c.recycled(forkscope_protocol::recycle::RecycleReason::MaxRequests);
+            }
             self.shared.begin_stop("max requests");
         }
         true

@@ -7,6 +7,7 @@ mod leader;
 mod metrics;
 mod orphans;
 mod profiles;
+mod recycle;
 mod requests;
 mod unprivileged;
 mod util;

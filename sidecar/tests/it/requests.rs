@@ -221,3 +221,33 @@ async fn request_counts_per_slot_equal_what_was_sent() {
         String::from_utf8_lossy(&done.stderr)
     );
 }
+
+#[tokio::test]
+async fn workers_retired_by_max_requests_are_counted_as_recycles_of_their_slot() {
+    let (server, app, _dir) = crate::util::unique_app_with("app", 1, &["--max-requests", "5"]);
+    let sidecar = Sidecar::start(&server.runtime, &[]);
+    let client = sidecar.client();
+    for _ in 0..12 {
+        assert_eq!(request(server.addr, "GET", "/", &[], b"").status, 200);
+    }
+    let series = format!(
+        r#"forkscope_worker_recycles_total{{app="{app}",reason="max_requests",server="forkscope",slot="0"}}"#
+    );
+    let memory = series.replace("max_requests", "memory");
+    let m = eventually("two retirements counted", Duration::from_secs(30), || {
+        let client = client.clone();
+        let series = series.clone();
+        async move {
+            let m = parse_metrics(&client.metrics_text().await.ok()?);
+            (m.get(&series) == Some(&2.0)).then_some(m)
+        }
+    })
+    .await;
+    assert_eq!(m.get(&memory), Some(&0.0), "other reasons stay at zero");
+    // 12 requests answered across three workers of slot 0: the counters are the slot's.
+    let s = slot_series(&m, &app, 0);
+    assert_eq!(
+        get(&s, r#"forkscope_http_requests_total{code="2xx"}"#),
+        12.0
+    );
+}

@@ -289,6 +289,15 @@ pub fn unique_app(
     module: &str,
     workers: u32,
 ) -> (forkscope_tests::Server, String, tempfile::TempDir) {
+    unique_app_with(module, workers, &[])
+}
+
+/// [`unique_app`] with extra server flags.
+pub fn unique_app_with(
+    module: &str,
+    workers: u32,
+    args: &[&str],
+) -> (forkscope_tests::Server, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -303,6 +312,7 @@ pub fn unique_app(
     let app = format!("{name}:app");
     let server = forkscope_tests::ServerBuilder::new(&app)
         .workers(workers)
+        .args(args)
         .chdir(dir.path())
         .start();
     (server, app, dir)
