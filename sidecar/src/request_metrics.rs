@@ -92,8 +92,19 @@ pub fn families(
                 continue;
             }
         };
+        // Every worker's slot has series from its start, at zero, so `increase()` and the
+        // dashboard see a worker that has not served yet.
+        let mut slots: std::collections::BTreeMap<u32, SlotRequests> =
+            slots.into_iter().map(|s| (s.slot, s)).collect();
+        for w in &leader.workers {
+            slots.entry(w.slot).or_insert_with(|| SlotRequests {
+                slot: w.slot,
+                buckets: vec![0; BUCKETS_MICROS.len() + 1],
+                ..SlotRequests::default()
+            });
+        }
         let server = leader.server.as_str();
-        for s in &slots {
+        for s in slots.values() {
             let slot = s.slot.to_string();
             let labels = [server, app.as_str(), slot.as_str()];
             for (class, n) in STATUS_CLASSES.iter().zip(s.by_status) {

@@ -90,6 +90,10 @@ enum Expect {
     SessionsByOutcome,
     /// One series per pod: the sidecar's scrape time, positive and under a second.
     ScrapeDuration,
+    /// Series for every worker of every pod (the server's request counters, which the API does
+    /// not report: a slot's series exist from its start, at zero), none for a slot that is not
+    /// a worker; values not compared.
+    EveryWorker,
     /// Series from another exporter (kube-state-metrics), not running here: the query must be
     /// valid; series, if any, are not checked.
     OtherExporter,
@@ -154,6 +158,13 @@ fn expectation(q: &Query) -> Option<Expect> {
         ),
         ("Worker restarts", "A") => Expect::Restarts,
         ("Sidecar scrape duration", "A") => Expect::ScrapeDuration,
+        (
+            "Requests per second per worker"
+            | "Error rate per worker"
+            | "p99 latency per worker"
+            | "Worker recycles by reason",
+            "A",
+        ) => Expect::EveryWorker,
         _ => return None,
     })
 }
@@ -287,6 +298,22 @@ fn compare(
                     }
                     Some(_) => {}
                 }
+            }
+        }
+        Expect::EveryWorker => {
+            let have: BTreeSet<Vec<String>> = result
+                .iter()
+                .map(|s| vec![s.label("pod").to_owned(), s.label("slot").to_owned()])
+                .collect();
+            let want: BTreeSet<Vec<String>> = views
+                .iter()
+                .flat_map(|v| v.slots().into_iter().map(|s| vec![v.name.clone(), s]))
+                .collect();
+            for key in want.difference(&have) {
+                problems.push(format!("{key:?}: no series"));
+            }
+            for key in have.difference(&want) {
+                problems.push(format!("{key:?}: a series of no worker"));
             }
         }
         Expect::OtherExporter => {}
