@@ -39,7 +39,9 @@ impl Upgrade {
             .ok()
             .and_then(|v| v.parse::<i32>().ok())
             .map(Pid::from_raw);
-        // SAFETY: read once at start-up, before any thread exists.
+        // SAFETY: set_var/remove_var race only with other threads touching the environment; the
+        // leader runs on this one thread alone (its invariant, since fork copies only the calling
+        // thread), and this runs at start-up before any worker is forked.
         unsafe { std::env::remove_var(PARENT_ENV) };
         Self {
             parent,
@@ -211,7 +213,8 @@ impl ExecPlan {
         use nix::sys::signal::{SigSet, SigmaskHow, sigprocmask};
         let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
         if let Some(cwd) = &self.cwd {
-            // SAFETY: chdir with a valid C string.
+            // SAFETY: `cwd` is a CString we own, so the pointer is valid and NUL-terminated for
+            // the call; chdir is async-signal-safe, as the forked child requires.
             unsafe { libc::chdir(cwd.as_ptr()) };
         }
         match nix::unistd::execve(&self.exe, &self.argv, &self.env) {

@@ -33,8 +33,9 @@ fn read_into_spare(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<(usize, usize)> {
         return Err(io::Error::last_os_error());
     }
     let n = n as usize;
-    // SAFETY: `n` bytes were initialized by read(2) just above.
     let asked = spare.len();
+    // SAFETY: read(2) initialized the first `n` bytes of the spare capacity (n <= asked), so
+    // the new length covers only initialized bytes within the allocation.
     unsafe { buf.set_len(buf.len() + n) };
     Ok((n, asked))
 }
