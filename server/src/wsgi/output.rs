@@ -105,15 +105,13 @@ impl Output {
     pub fn send_file(
         &mut self,
         py: Python<'_>,
-        file: RawFd,
+        file: BorrowedFd<'_>,
         mut offset: i64,
         count: usize,
     ) -> io::Result<()> {
         self.drain(py)?;
         let mut left = count;
         let mut deadline = Instant::now() + self.write_timeout;
-        // SAFETY: the file descriptor belongs to the app's file object, open for this call.
-        let file = unsafe { BorrowedFd::borrow_raw(file) };
         while left > 0 {
             match nix::sys::sendfile::sendfile64(self.borrowed(), file, Some(&mut offset), left) {
                 Ok(0) => {
