@@ -52,3 +52,66 @@ fn sendfile_sends_the_returned_file_even_if_its_descriptor_is_reused() {
     let foreign = r.body.iter().filter(|b| **b != b'A').count();
     assert_eq!(foreign, 0, "bytes of another file were sent");
 }
+
+/// A client that sends less body than its Content-Length and then half-closes its side gets
+/// its answer at once, every time. The race: bytes and end of input that arrive together
+/// (while the worker is busy) come with one readiness event, and a read that returns less
+/// than asked was taken to mean "nothing more until the next event", which never came.
+/// Holding the worker inside the app while they arrive makes every round hit it.
+#[test]
+fn a_body_cut_short_by_a_half_close_is_answered_at_once_every_time() {
+    // Without the fix the stalled connection is closed, unanswered, by the slow-client sweep.
+    let s = ServerBuilder::new("hardening:app")
+        .args(&["--timeout", "5"])
+        .start();
+    let fifo = s.dir().join("hold");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let hold = format!(
+        "GET /hold?fifo={} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        fifo.display()
+    );
+    for round in 0..20 {
+        // A keep-alive connection the worker has served and now waits on.
+        let mut c = TcpStream::connect(s.addr).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("write");
+        let mut first = [0u8; 512];
+        let n = c.read(&mut first).expect("first response");
+        assert_eq!(
+            parse_one(&first[..n], false).expect("response").0.text(),
+            "ok"
+        );
+
+        // The worker's only thread goes into the app; opening the FIFO for writing returns
+        // once the app has it open for reading.
+        let mut holder = TcpStream::connect(s.addr).expect("connect");
+        holder.write_all(hold.as_bytes()).expect("write");
+        let release = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&fifo)
+            .expect("open the FIFO");
+        // Meanwhile the short body and the end of input arrive together.
+        c.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+            .expect("write");
+        c.shutdown(std::net::Shutdown::Write).expect("half-close");
+        drop(release);
+        let mut held = Vec::new();
+        holder.read_to_end(&mut held).expect("read");
+        assert_eq!(
+            parse_one(&held, false).expect("response").0.text(),
+            "released"
+        );
+
+        let mut answer = Vec::new();
+        c.read_to_end(&mut answer).expect("read");
+        let status = parse_one(&answer, false).map(|(r, _)| r.status);
+        assert_eq!(
+            status,
+            Some(400),
+            "round {round}: {:?}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+}

@@ -88,6 +88,10 @@ pub enum HttpError {
     /// Trailer section larger than allowed (431).
     #[error("trailer section too large")]
     TrailersTooLarge,
+    /// The client ended its side of the connection before the whole body arrived (400). Not
+    /// produced by the parser itself.
+    #[error("request body cut short")]
+    IncompleteBody,
     /// The body is larger than the worker accepts (413). Not produced by the parser itself.
     #[error("request body too large")]
     PayloadTooLarge,
@@ -126,7 +130,8 @@ impl HttpError {
             | HttpError::ChunkLineTooLong
             | HttpError::InvalidChunkFraming
             | HttpError::InvalidTrailer
-            | HttpError::ForbiddenTrailer => 400,
+            | HttpError::ForbiddenTrailer
+            | HttpError::IncompleteBody => 400,
         }
     }
 

@@ -399,7 +399,7 @@ impl EventLoop {
                         if (event.is_readable() || event.is_read_closed() || event.is_error())
                             && let Some(conn) = self.conns.get_mut(&key)
                         {
-                            conn.readable();
+                            conn.readable(event.is_read_closed() || event.is_error());
                         }
                         self.drive(key);
                     }
