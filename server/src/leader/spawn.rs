@@ -140,13 +140,21 @@ fn boot_and_serve(
     };
 
     let settings = &leader.settings;
+    // Validated with the settings; an error here would be a bug, never "trust nobody".
+    let trusted = match TrustedProxies::parse(&settings.forwarded_allow_ips) {
+        Ok(trusted) => trusted,
+        Err(e) => {
+            log::error!("{e:#}");
+            return WorkerExit::BootError;
+        }
+    };
     let config = WorkerConfig {
         threads: settings.threads.max(1) as usize,
         keepalive: Duration::from_secs(settings.keepalive),
         timeout: Duration::from_secs(settings.timeout),
         max_requests: with_jitter(settings.max_requests, settings.max_requests_jitter),
         limits: settings.http_limits(),
-        trusted: TrustedProxies::parse(&settings.forwarded_allow_ips).unwrap_or_default(),
+        trusted,
         multiprocess: settings.workers > 1,
         max_connections: MAX_CONNECTIONS,
     };
