@@ -6,7 +6,7 @@ use std::time::Duration;
 use pyo3::prelude::*;
 
 use super::Leader;
-use crate::hooks::{RequestHooks, WorkerObject, arg};
+use crate::hooks::{Hook, RequestHooks, WorkerObject, arg};
 use crate::worker::{Identity, WorkerConfig, WorkerExit};
 use crate::wsgi::Wsgi;
 use crate::wsgi::environ::TrustedProxies;
@@ -34,7 +34,7 @@ pub fn worker_main(
     if let Ok(mut w) = worker.try_borrow_mut(py) {
         w.alive = false;
     }
-    let _ = crate::hooks::call(py, &leader.hooks, "worker_exit", || {
+    let _ = crate::hooks::call(py, &leader.hooks, Hook::WorkerExit, || {
         Ok(vec![arg(py, &leader.server), arg(py, &worker)])
     });
     exit
@@ -61,8 +61,7 @@ fn boot_and_serve(
     }
     crate::worker::signals::set_hooks(crate::worker::signals::SignalHooks {
         worker: worker.clone_ref(py),
-        worker_int: leader.hooks.worker_int.as_ref().map(|h| h.clone_ref(py)),
-        worker_abort: leader.hooks.worker_abort.as_ref().map(|h| h.clone_ref(py)),
+        hooks: leader.hooks.clone_ref(py),
     });
     if let Some(rt) = &leader.runtime
         && let Err(e) = crate::runtime_dir::announce(
@@ -108,7 +107,7 @@ fn boot_and_serve(
     let _ = usr2.thread_unblock();
 
     // gunicorn: an exception in post_fork is a boot error of this worker.
-    if crate::hooks::call(py, &leader.hooks, "post_fork", || {
+    if crate::hooks::call(py, &leader.hooks, Hook::PostFork, || {
         Ok(vec![arg(py, &leader.server), arg(py, worker)])
     })
     .is_err()
@@ -184,7 +183,7 @@ fn boot_and_serve(
             return WorkerExit::BootError;
         }
     };
-    if crate::hooks::call(py, &leader.hooks, "post_worker_init", || {
+    if crate::hooks::call(py, &leader.hooks, Hook::PostWorkerInit, || {
         Ok(vec![arg(py, worker)])
     })
     .is_err()
@@ -194,12 +193,13 @@ fn boot_and_serve(
     if let Ok(mut w) = worker.try_borrow_mut(py) {
         w.booted = true;
     }
-    let request_hooks = (leader.hooks.pre_request.is_some() || leader.hooks.post_request.is_some())
-        .then(|| RequestHooks {
-            worker: worker.clone_ref(py),
-            pre_request: leader.hooks.pre_request.as_ref().map(|h| h.clone_ref(py)),
-            post_request: leader.hooks.post_request.as_ref().map(|h| h.clone_ref(py)),
-        });
+    let defined = |hook| leader.hooks.get(hook).map(|h| h.clone_ref(py));
+    let (pre_request, post_request) = (defined(Hook::PreRequest), defined(Hook::PostRequest));
+    let request_hooks = (pre_request.is_some() || post_request.is_some()).then(|| RequestHooks {
+        worker: worker.clone_ref(py),
+        pre_request,
+        post_request,
+    });
     let id = Identity {
         slot,
         heartbeats: leader.heartbeats,

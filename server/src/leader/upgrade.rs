@@ -14,7 +14,7 @@ use nix::unistd::Pid;
 use pyo3::prelude::*;
 
 use super::{Leader, signals, spawn, start};
-use crate::hooks::arg;
+use crate::hooks::{Hook, arg};
 
 /// Environment variable naming the old leader's PID in a leader started by USR2 (gunicorn's
 /// `GUNICORN_PID`). While that leader lives, the new one neither upgrades itself nor removes
@@ -111,7 +111,7 @@ impl Leader {
             Ok(crate::python::Forked::Child) => {
                 signals::uninstall();
                 let ok = Python::attach(|py| {
-                    crate::hooks::call(py, &self.hooks, "pre_exec", || {
+                    crate::hooks::call(py, &self.hooks, Hook::PreExec, || {
                         Ok(vec![arg(py, &self.server)])
                     })
                     .is_ok()

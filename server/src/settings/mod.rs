@@ -12,6 +12,8 @@
 //! - [`load`](mod@load): resolves one `Settings` from defaults, the config file, env vars,
 //!   `GUNICORN_CMD_ARGS`/`FORKSCOPE_CMD_ARGS` and the command line (precedence documented
 //!   there).
+//! - [`config_file`]: evaluates a gunicorn-style Python config file into setting values and
+//!   hooks, for `load`.
 //! - [`unsupported`]: gunicorn options forkscope refuses by name, with the reason.
 //! - [`docs`]: renders `docs/SETTINGS.md` from the clap command (a test keeps it fresh).
 
@@ -20,6 +22,7 @@ use std::path::PathBuf;
 use clap::{ArgAction, CommandFactory, Parser, ValueEnum};
 use serde::{Deserialize, Serialize};
 
+pub mod config_file;
 pub mod docs;
 pub mod load;
 pub mod unsupported;

@@ -7,7 +7,8 @@ use std::io::Write as _;
 
 use pyo3::Python;
 
-use super::load::{SettingKind, setting_kinds};
+use super::config_file::SettingKind;
+use super::load::setting_kinds;
 use super::unsupported::{self, UNSUPPORTED};
 use super::*;
 
@@ -728,9 +729,7 @@ fn every_gunicorn_setting_is_covered() {
         }
     }
     for (name, flags) in &gunicorn {
-        let hook = crate::config_file::HOOKS
-            .iter()
-            .any(|(hook, _)| hook == name);
+        let hook = crate::hooks::Hook::from_name(name).is_some();
         let refused = unsupported::by_name(name);
         assert!(
             kinds.contains_key(name) || name == "config" || hook || refused.is_some(),

@@ -764,7 +764,7 @@ fn hooked_request(
         }
     };
     if let Some(pre) = &hooks.pre_request
-        && crate::hooks::call_hook(py, pre, "pre_request", || {
+        && crate::hooks::call_hook(py, pre, crate::hooks::Hook::PreRequest, || {
             Ok(vec![
                 crate::hooks::arg(py, &hooks.worker),
                 request.clone().into_any(),
@@ -783,7 +783,7 @@ fn hooked_request(
     }
     let done = wsgi.handle(py, req, fd, pending);
     if let Some(post) = &hooks.post_request {
-        let _ = crate::hooks::call_hook(py, post, "post_request", || {
+        let _ = crate::hooks::call_hook(py, post, crate::hooks::Hook::PostRequest, || {
             let environ = crate::wsgi::environ::base_environ(py, false, false)?;
             crate::wsgi::environ::fill(py, &environ, &head, &peer, "")?;
             let response = Bound::new(
