@@ -115,3 +115,69 @@ fn a_body_cut_short_by_a_half_close_is_answered_at_once_every_time() {
         );
     }
 }
+
+/// The leader's own folder in the runtime directory, which the sidecar finds it by.
+fn leader_info(s: &forkscope_tests::Server) -> std::path::PathBuf {
+    s.runtime.join(s.pid().to_string()).join("process.json")
+}
+
+/// Waits for the leader to report that worker `pid` panicked, and checks that the panic itself
+/// (thread and message) is in the error log.
+fn assert_panicked(s: &forkscope_tests::Server, pid: &str, thread: &str, message: &str) {
+    s.wait_log(
+        &format!("Worker (pid:{pid}) panicked"),
+        Duration::from_secs(30),
+    );
+    let log = s.log_text();
+    assert!(
+        log.contains(&format!("panic in thread '{thread}'")) && log.contains(message),
+        "the panic and its message are in the error log:\n{log}"
+    );
+}
+
+/// A panic in a worker's main thread ends that worker with the panic in the error log, and
+/// nothing else: it used to unwind into the leader's code inside the child, whose cleanup
+/// deleted the leader's runtime folder. The leader serves on with a new worker.
+/// (`FORKSCOPE_FAILPOINTS` injects the panic; debug builds only.)
+#[test]
+fn a_worker_panic_ends_that_worker_loudly_and_the_leader_serves_on() {
+    let s = ServerBuilder::new("hardening:app")
+        .env("FORKSCOPE_FAILPOINTS", "request=/panic")
+        .start();
+    assert!(leader_info(&s).is_file());
+    let first = request(s.addr, "GET", "/pid", &[], b"").text();
+
+    let answer = forkscope_tests::send_raw(
+        s.addr,
+        b"GET /panic HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(answer.is_empty(), "{:?}", String::from_utf8_lossy(&answer));
+    assert_panicked(&s, &first, "main", "failpoint request");
+
+    let next = forkscope_tests::wait_for("a new worker", Duration::from_secs(30), || {
+        let pid = request(s.addr, "GET", "/pid", &[], b"").text();
+        (pid != first).then_some(pid)
+    });
+    assert!(!next.is_empty());
+    assert!(
+        leader_info(&s).is_file(),
+        "the leader's runtime folder is intact"
+    );
+    assert_eq!(s.workers().len(), 1);
+}
+
+/// A panic in one of a worker's request threads (not the main one) ends the whole worker,
+/// loudly, instead of leaving it to serve on one thread short without a word.
+#[test]
+fn a_panic_in_a_request_thread_ends_the_worker_loudly() {
+    let s = ServerBuilder::new("hardening:app")
+        .args(&["--threads", "2"])
+        .env("FORKSCOPE_FAILPOINTS", "thread-start=loop-1")
+        .start();
+    // Each new worker panics the same way; any of them will do.
+    let first = forkscope_tests::wait_for("a worker", Duration::from_secs(30), || {
+        s.workers().first().map(|(_, pid)| pid.to_string())
+    });
+    assert_panicked(&s, &first, "loop-1", "failpoint thread-start");
+    assert!(leader_info(&s).is_file());
+}

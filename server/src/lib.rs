@@ -17,14 +17,18 @@
 //! - [`runtime_dir`]: this process' folder in the runtime directory shared with the sidecar.
 //! - [`heartbeat`], [`slot_table`]: per-slot words shared by the leader and its workers.
 //! - [`proctitle`]: the process titles `ps` shows (`forkscope-server: worker N [APP]`).
+//! - [`panics`]: panics go to the error log and end only the worker that had them.
+//! - [`failpoint`]: fault injection for the integration tests (debug builds only).
 
 pub mod balance;
+pub mod failpoint;
 pub mod heartbeat;
 pub mod hooks;
 pub mod http;
 pub mod leader;
 pub mod listeners;
 pub mod logging;
+pub mod panics;
 pub mod proctitle;
 pub mod profiler;
 pub mod python;
@@ -64,6 +68,7 @@ pub fn run(args: Vec<OsString>) -> ExitCode {
         eprintln!("Error: cannot open the error log: {e:#}");
         return ExitCode::from(1);
     }
+    panics::install_hook();
     for warning in settings.warnings() {
         log::warn!("{warning}");
     }

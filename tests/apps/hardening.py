@@ -34,6 +34,8 @@ def app(environ, start_response):
         with open(query["fifo"], "rb") as fifo:
             fifo.read()
         return _text(start_response, "released")
+    if path == "/pid":
+        return _text(start_response, str(os.getpid()))
     if path == "/echo":
         return _text(start_response, environ["wsgi.input"].read().decode("latin-1"))
     return _text(start_response, "ok")

@@ -436,6 +436,11 @@ impl Leader {
             let expected = worker.retiring.is_some() || self.stopping.is_some();
             match (code, signal) {
                 (Some(0), _) => {}
+                (Some(c), _) if WorkerExit::from_code(c) == Some(WorkerExit::Panicked) => {
+                    log::error!(
+                        "Worker (pid:{pid}) panicked (exit code {c}); the panic is logged above"
+                    );
+                }
                 (Some(c), _) => log::error!("Worker (pid:{pid}) exited with code {c}"),
                 (None, Some(Signal::SIGKILL)) if !expected => {
                     log::error!("Worker (pid:{pid}) was sent SIGKILL! Perhaps out of memory?");
@@ -639,8 +644,13 @@ impl Leader {
                 );
             }
             Ok(crate::python::Forked::Child) => {
-                let code =
-                    Python::attach(|py| spawn::worker_main(py, self, slot, age, load, worker));
+                // The child's stack still holds the leader's frames: a panic must not unwind
+                // into them (their destructors would act for the leader, e.g. delete its
+                // runtime folder). It ends this worker only.
+                let code = crate::panics::contain(|| {
+                    Python::attach(|py| spawn::worker_main(py, self, slot, age, load, worker))
+                })
+                .unwrap_or(WorkerExit::Panicked);
                 spawn::exit_worker(code);
             }
             Err(e) => {
