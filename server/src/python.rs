@@ -235,7 +235,7 @@ pub fn enable_gc(py: Python<'_>) -> PyResult<()> {
 }
 
 /// The outcome of [`fork`] in the calling process.
-pub enum Forked {
+pub(crate) enum Forked {
     /// In the parent; the child's PID.
     Parent(nix::unistd::Pid),
     /// In the child; the interpreter has been told it is a new process.
@@ -245,11 +245,12 @@ pub enum Forked {
 /// Forks the process the way `os.fork()` does, so the child's interpreter is consistent
 /// (import lock, thread states, `os.register_at_fork` callbacks).
 ///
-/// The caller must be the only thread that runs (the leader's invariant).
+/// The caller must be the only thread that runs (the leader's invariant). The leader forks
+/// through [`crate::leader::spawn::fork_child`], which keeps the child out of its frames.
 ///
 /// # Errors
 /// `fork()` failed (for example EAGAIN under a process limit).
-pub fn fork(_py: Python<'_>) -> nix::Result<Forked> {
+pub(crate) fn fork(_py: Python<'_>) -> nix::Result<Forked> {
     // SAFETY: the GIL is held (we have `Python`), and the leader runs no other thread, so the
     // child starts with consistent memory; CPython's fork hooks bracket the call as os.fork does.
     unsafe {

@@ -628,9 +628,11 @@ impl Leader {
         if let (Some(counts), Some(load)) = (&self.request_counts, load) {
             counts.claim(load.cell(), slot);
         }
-        let forked = Python::attach(crate::python::fork);
+        let forked = spawn::fork_child(|| {
+            Python::attach(|py| spawn::worker_main(py, self, slot, age, load, worker))
+        });
         match forked {
-            Ok(crate::python::Forked::Parent(pid)) => {
+            Ok(pid) => {
                 log::info!("Booting worker with pid: {pid}");
                 self.slots.insert(
                     slot,
@@ -642,16 +644,6 @@ impl Leader {
                         load_cell: load.map(|l| l.cell()),
                     },
                 );
-            }
-            Ok(crate::python::Forked::Child) => {
-                // The child's stack still holds the leader's frames: a panic must not unwind
-                // into them (their destructors would act for the leader, e.g. delete its
-                // runtime folder). It ends this worker only.
-                let code = crate::panics::contain(|| {
-                    Python::attach(|py| spawn::worker_main(py, self, slot, age, load, worker))
-                })
-                .unwrap_or(WorkerExit::Panicked);
-                spawn::exit_worker(code);
             }
             Err(e) => {
                 log::error!("fork failed: {e}");

@@ -280,8 +280,28 @@ fn with_jitter(max_requests: u64, jitter: u64) -> u64 {
     max_requests + seed % (jitter + 1)
 }
 
+/// Forks; in the child, runs `child` and ends the process with the status it returns. Returns
+/// only in the leader, with the child's PID.
+///
+/// The child's stack still holds the leader's frames, so nothing may return or unwind into
+/// them there: their destructors would act for the leader (delete its runtime folder, among
+/// others). A panic in `child` (logged by the panic hook) ends the child with
+/// [`WorkerExit::Panicked`].
+///
+/// # Errors
+/// `fork()` failed.
+pub fn fork_child(child: impl FnOnce() -> WorkerExit) -> nix::Result<nix::unistd::Pid> {
+    match Python::attach(crate::python::fork)? {
+        crate::python::Forked::Parent(pid) => Ok(pid),
+        crate::python::Forked::Child => {
+            let code = crate::panics::contain(child).unwrap_or(WorkerExit::Panicked);
+            exit_worker(code)
+        }
+    }
+}
+
 /// Ends the worker process without unwinding into leader code or running its destructors.
-pub fn exit_worker(code: WorkerExit) -> ! {
+fn exit_worker(code: WorkerExit) -> ! {
     log::logger().flush();
     // SAFETY: _exit ends the process at once; nothing after it runs.
     unsafe { libc::_exit(code as i32) }

@@ -100,27 +100,27 @@ impl Leader {
                 Err(e) => log::warn!("USR2: cannot rename {}: {e}", path.display()),
             }
         }
-        match Python::attach(crate::python::fork) {
-            Ok(crate::python::Forked::Parent(pid)) => {
+        let forked = spawn::fork_child(|| {
+            signals::uninstall();
+            let ok = Python::attach(|py| {
+                crate::hooks::call(py, &self.hooks, Hook::PreExec, || {
+                    Ok(vec![arg(py, &self.server)])
+                })
+                .is_ok()
+            });
+            if ok {
+                let err = plan.exec();
+                log::error!("USR2: cannot execute {}: {err}", exe.display());
+            }
+            crate::worker::WorkerExit::BootError
+        });
+        match forked {
+            Ok(pid) => {
                 log::info!(
                     "USR2: started a new leader (pid {pid}) from {}",
                     exe.display()
                 );
                 self.upgrade.child = Some(pid);
-            }
-            Ok(crate::python::Forked::Child) => {
-                signals::uninstall();
-                let ok = Python::attach(|py| {
-                    crate::hooks::call(py, &self.hooks, Hook::PreExec, || {
-                        Ok(vec![arg(py, &self.server)])
-                    })
-                    .is_ok()
-                });
-                if ok {
-                    let err = plan.exec();
-                    log::error!("USR2: cannot execute {}: {err}", exe.display());
-                }
-                spawn::exit_worker(crate::worker::WorkerExit::BootError);
             }
             Err(e) => {
                 log::error!("USR2: fork failed: {e}");
