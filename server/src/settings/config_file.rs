@@ -5,7 +5,7 @@
 //! are read:
 //!
 //! - a global named like a setting is type-checked here (bool, int, str, list of str) and
-//!   handed to [`super::load`], which validates it with the same clap parser as the command
+//!   handed to [`load`](mod@super::load), which validates it with the same clap parser as the command
 //!   line;
 //! - a global named like a server hook ([`Hook`]) must be a callable with gunicorn's arity (or
 //!   a `"module.function"` string, as gunicorn allows) and lands in [`Hooks`];
@@ -15,7 +15,7 @@
 //! - anything else (imports, helpers, private names) is ignored, as gunicorn ignores it.
 //!
 //! The caller has initialized Python and holds the GIL. The settings' own names and kinds come
-//! in as an argument, so nothing here depends on how [`super::load`] resolves them.
+//! in as an argument, so nothing here depends on how [`load`](mod@super::load) resolves them.
 
 use std::collections::BTreeMap;
 use std::path::Path;
