@@ -3,6 +3,7 @@
 mod balance;
 mod differential;
 mod frameworks;
+mod hardening;
 mod http;
 mod lifecycle;
 mod options;

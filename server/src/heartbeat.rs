@@ -63,10 +63,13 @@ mod tests {
     fn beats_are_seen_across_fork() {
         let hb = Heartbeats::new().expect("mmap");
         assert_eq!(hb.silence_ms(1), 0);
-        // SAFETY: the child only stores to shared memory and exits.
+        // SAFETY: after fork only async-signal-safe work is allowed in the child of this
+        // multi-threaded test process; the child only stores to shared memory and `_exit`s.
         match unsafe { nix::unistd::fork() }.expect("fork") {
             nix::unistd::ForkResult::Child => {
                 hb.beat(1);
+                // SAFETY: _exit is async-signal-safe and ends the child without running the parent's
+                // destructors or atexit handlers.
                 unsafe { libc::_exit(0) };
             }
             nix::unistd::ForkResult::Parent { child } => {

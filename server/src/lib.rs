@@ -3,28 +3,32 @@
 //! # Layout
 //!
 //! - [`settings`]: THE settings table (CLI flags, env vars, `gunicorn.conf.py` names), and
-//!   [`config_file`], which evaluates a gunicorn-style Python config file.
+//!   [`settings::config_file`], which evaluates a gunicorn-style Python config file.
 //! - [`logging`]: the error log and the access log in gunicorn's formats, reopenable on USR1.
 //! - [`listeners`]: parse `--bind` values and bind (or inherit) the listening sockets.
 //! - [`leader`]: the single-threaded leader loop: signals, reaping, spawning workers in slots.
 //! - [`worker`]: one worker process: event loop, connections, request dispatch.
 //! - [`http`]: pure HTTP/1.x parsing and response framing; never touches a socket.
 //! - [`wsgi`]: the bridge to the Python application (environ, start_response, wsgi.input).
-//! - [`hooks`]: gunicorn's server hooks, called with gunicorn-shaped server/worker objects.
+//! - [`hooks`]: gunicorn's server hooks ([`hooks::Hook`]), called with gunicorn-shaped
+//!   server/worker objects.
 //! - [`python`]: interpreter start-up, imports, preload, fork hooks.
 //! - [`profiler`]: the tracemalloc doorbell inside every worker.
 //! - [`runtime_dir`]: this process' folder in the runtime directory shared with the sidecar.
 //! - [`heartbeat`], [`slot_table`]: per-slot words shared by the leader and its workers.
 //! - [`proctitle`]: the process titles `ps` shows (`forkscope-server: worker N [APP]`).
+//! - [`panics`]: panics go to the error log and end only the worker that had them.
+//! - [`failpoint`]: fault injection for the integration tests (debug builds only).
 
 pub mod balance;
-pub mod config_file;
+pub mod failpoint;
 pub mod heartbeat;
 pub mod hooks;
 pub mod http;
 pub mod leader;
 pub mod listeners;
 pub mod logging;
+pub mod panics;
 pub mod proctitle;
 pub mod profiler;
 pub mod python;
@@ -64,6 +68,7 @@ pub fn run(args: Vec<OsString>) -> ExitCode {
         eprintln!("Error: cannot open the error log: {e:#}");
         return ExitCode::from(1);
     }
+    panics::install_hook();
     for warning in settings.warnings() {
         log::warn!("{warning}");
     }

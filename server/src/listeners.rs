@@ -122,7 +122,8 @@ impl fmt::Display for Listener {
 /// An address that cannot be resolved or bound; the message names it.
 pub fn bind_all(binds: &[String], backlog: i32) -> anyhow::Result<Vec<Listener>> {
     let inherited = std::env::var(INHERIT_ENV).ok();
-    // SAFETY: the variable is read once at start-up, before any thread exists.
+    // SAFETY: remove_var races only with other threads touching the environment; the leader
+    // runs on this one thread alone (its invariant, since fork copies only the calling thread).
     unsafe { std::env::remove_var(INHERIT_ENV) };
     if let Some(fds) = inherited {
         return fds

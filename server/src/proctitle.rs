@@ -75,8 +75,13 @@ unsafe extern "C" {
 }
 
 /// Copies every environment string to the heap and points `environ` at the copies.
+///
+/// # Safety
+/// No other thread may read or change the environment meanwhile (call it before any exists).
 unsafe fn relocate_environ() {
-    // SAFETY: the caller guarantees no other thread reads the environment meanwhile.
+    // SAFETY: the caller guarantees no other thread touches `environ` meanwhile; it is a
+    // NULL-terminated array of NUL-terminated strings (POSIX), each copied by strdup before
+    // the array pointer is replaced by the leaked copy.
     unsafe {
         let mut copies: Vec<*mut libc::c_char> = Vec::new();
         let mut p = environ;

@@ -235,7 +235,7 @@ pub fn enable_gc(py: Python<'_>) -> PyResult<()> {
 }
 
 /// The outcome of [`fork`] in the calling process.
-pub enum Forked {
+pub(crate) enum Forked {
     /// In the parent; the child's PID.
     Parent(nix::unistd::Pid),
     /// In the child; the interpreter has been told it is a new process.
@@ -245,11 +245,12 @@ pub enum Forked {
 /// Forks the process the way `os.fork()` does, so the child's interpreter is consistent
 /// (import lock, thread states, `os.register_at_fork` callbacks).
 ///
-/// The caller must be the only thread that runs (the leader's invariant).
+/// The caller must be the only thread that runs (the leader's invariant). The leader forks
+/// through [`crate::leader::spawn::fork_child`], which keeps the child out of its frames.
 ///
 /// # Errors
 /// `fork()` failed (for example EAGAIN under a process limit).
-pub fn fork(_py: Python<'_>) -> nix::Result<Forked> {
+pub(crate) fn fork(_py: Python<'_>) -> nix::Result<Forked> {
     // SAFETY: the GIL is held (we have `Python`), and the leader runs no other thread, so the
     // child starts with consistent memory; CPython's fork hooks bracket the call as os.fork does.
     unsafe {
@@ -293,23 +294,33 @@ pub fn run_exit_functions(py: Python<'_>) {
 
 /// Formats a Python exception with its traceback, as `traceback.format_exception` does.
 pub fn format_exception(err: PyErr) -> String {
-    Python::attach(|py| {
-        let formatted = (|| -> PyResult<String> {
-            let tb = py.import("traceback")?;
-            let lines = tb.call_method1(
+    Python::attach(|py| traceback_text(py, &err))
+}
+
+/// Python's formatted traceback of `err`, or its one-line form when formatting fails.
+pub fn traceback_text(py: Python<'_>, err: &PyErr) -> String {
+    let formatted = py.import("traceback").and_then(|module| {
+        module
+            .call_method1(
                 "format_exception",
                 (err.get_type(py), err.value(py), err.traceback(py)),
-            )?;
-            let joined: String = ""
-                .into_pyobject(py)?
-                .call_method1("join", (lines,))?
-                .extract()?;
-            Ok(joined)
-        })();
-        formatted
-            .map(|s| s.trim_end().to_owned())
-            .unwrap_or_else(|_| err.to_string())
-    })
+            )
+            .and_then(|lines| lines.extract::<Vec<String>>())
+    });
+    match formatted {
+        Ok(lines) => lines.concat().trim_end().to_owned(),
+        Err(_) => exception_line(py, err),
+    }
+}
+
+/// `TypeName: message`, the last line of a traceback.
+pub fn exception_line(py: Python<'_>, err: &PyErr) -> String {
+    let type_name = err
+        .get_type(py)
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "Exception".to_owned());
+    format!("{type_name}: {}", err.value(py))
 }
 
 /// Sets `-e KEY=VALUE` variables in `os.environ` (which also updates the C environment), as

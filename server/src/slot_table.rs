@@ -100,12 +100,15 @@ mod tests {
     fn a_store_in_a_child_is_seen_by_the_parent() {
         let table = SlotTable::new().expect("mmap");
         assert!(table.cell(MAX_SLOTS as u32).is_none());
-        // SAFETY: the child only stores to shared memory and exits.
+        // SAFETY: after fork only async-signal-safe work is allowed in the child of this
+        // multi-threaded test process; the child only stores to shared memory and `_exit`s.
         match unsafe { nix::unistd::fork() }.expect("fork") {
             nix::unistd::ForkResult::Child => {
                 if let Some(c) = table.cell(7) {
                     c.store(42, Ordering::SeqCst);
                 }
+                // SAFETY: _exit is async-signal-safe and ends the child without running the parent's
+                // destructors or atexit handlers.
                 unsafe { libc::_exit(0) };
             }
             nix::unistd::ForkResult::Parent { child } => {

@@ -158,3 +158,28 @@ fn help_and_usage_errors_come_from_clap() {
     );
     assert!(stderr(&output).contains("--no-such-flag"));
 }
+
+/// Issue 14: `--timeout` beyond its range used to start and panic at the first deadline.
+#[test]
+fn out_of_range_values_stop_the_server_at_start_up_with_the_setting_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = run(
+        dir.path(),
+        &["--print-config", "--timeout", "18446744073709551615"],
+        &[],
+    );
+    assert!(!output.status.success(), "{}", stdout(&output));
+    let err = stderr(&output);
+    assert!(
+        err.contains("--timeout") && err.contains("31536000"),
+        "{err}"
+    );
+    let output = run(
+        dir.path(),
+        &["--print-config"],
+        &[("FORWARDED_ALLOW_IPS", "10.0.0.1,not-an-address")],
+    );
+    assert!(!output.status.success(), "{}", stdout(&output));
+    let err = stderr(&output);
+    assert!(err.contains("not-an-address"), "{err}");
+}

@@ -14,6 +14,40 @@ pub const MAX_CHUNK_LINE: usize = 4096;
 /// Largest trailer section we accept (all trailer lines with their CRLFs).
 pub const MAX_TRAILERS: usize = 16 * 1024;
 
+/// Fields a request must not send as trailers (RFC 9110 6.5.1), lower case: they are needed
+/// before the content, so a trailer copy could only be read differently by us and by whatever
+/// merges trailers downstream. gunicorn refuses the first six.
+pub const FORBIDDEN_TRAILERS: &[&str] = &[
+    // Framing, routing, authentication, and the request modifiers gunicorn names.
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "trailer",
+    "authorization",
+    "te",
+    // The rest of RFC 9110's request modifiers: controls (7.8, 10.1) and conditionals (13.1).
+    "cache-control",
+    "expect",
+    "max-forwards",
+    "pragma",
+    "range",
+    "if-match",
+    "if-none-match",
+    "if-modified-since",
+    "if-unmodified-since",
+    "if-range",
+    // Authentication (11.6, RFC 6265).
+    "proxy-authorization",
+    "cookie",
+    // How to process the content (8.3, 8.4, 14.4).
+    "content-type",
+    "content-encoding",
+    "content-range",
+];
+
+/// The longest name in [`FORBIDDEN_TRAILERS`]; longer trailer names are not compared.
+const LONGEST_FORBIDDEN: usize = 19;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// Reading the hex digits of a chunk size.
@@ -54,6 +88,9 @@ pub struct ChunkedDecoder {
     digits: usize,
     line_len: usize,
     trailer_len: usize,
+    /// The start of the trailer name being read, lower-cased, and its full length.
+    name: [u8; LONGEST_FORBIDDEN],
+    name_len: usize,
 }
 
 impl Default for ChunkedDecoder {
@@ -71,7 +108,23 @@ impl ChunkedDecoder {
             digits: 0,
             line_len: 0,
             trailer_len: 0,
+            name: [0; LONGEST_FORBIDDEN],
+            name_len: 0,
         }
+    }
+
+    /// Adds a byte to the trailer name being read.
+    fn push_name(&mut self, b: u8) {
+        if let Some(slot) = self.name.get_mut(self.name_len) {
+            *slot = b.to_ascii_lowercase();
+        }
+        self.name_len += 1;
+    }
+
+    /// Whether the trailer name just read is one a request must not send.
+    fn name_is_forbidden(&self) -> bool {
+        let name = self.name.get(..self.name_len).unwrap_or_default();
+        FORBIDDEN_TRAILERS.iter().any(|f| f.as_bytes() == name)
     }
 
     /// Whether the last chunk and the trailer section have been read.
@@ -164,10 +217,20 @@ impl ChunkedDecoder {
             (State::DataLf, b'\n') => State::Size,
             (State::DataCr | State::DataLf, _) => return Err(HttpError::InvalidChunkFraming),
             (State::TrailerStart, b'\r') => State::EndLf,
-            (State::TrailerStart, _) if is_tchar(b) => State::TrailerName,
+            (State::TrailerStart, _) if is_tchar(b) => {
+                self.name_len = 0;
+                self.push_name(b);
+                State::TrailerName
+            }
             (State::TrailerStart, _) => return Err(HttpError::InvalidTrailer),
+            (State::TrailerName, b':') if self.name_is_forbidden() => {
+                return Err(HttpError::ForbiddenTrailer);
+            }
             (State::TrailerName, b':') => State::TrailerValue,
-            (State::TrailerName, _) if is_tchar(b) => State::TrailerName,
+            (State::TrailerName, _) if is_tchar(b) => {
+                self.push_name(b);
+                State::TrailerName
+            }
             (State::TrailerName, _) => return Err(HttpError::InvalidTrailer),
             (State::TrailerValue, b'\r') => State::TrailerLf,
             (State::TrailerValue, _) if is_field_byte(b) => State::TrailerValue,
@@ -289,6 +352,31 @@ mod tests {
         ] {
             let err = decode_all(bad).unwrap_err();
             assert_eq!(err.status(), 400, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn refuses_every_forbidden_trailer_in_any_case_and_keeps_others() {
+        for name in FORBIDDEN_TRAILERS {
+            assert!(name.len() <= LONGEST_FORBIDDEN, "{name}");
+            for spelled in [name.to_string(), name.to_ascii_uppercase()] {
+                let input = format!("0\r\n{spelled}: x\r\n\r\n");
+                assert_eq!(
+                    decode_all(input.as_bytes()),
+                    Err(HttpError::ForbiddenTrailer),
+                    "{spelled}"
+                );
+            }
+        }
+        for allowed in [
+            "X-Checksum",
+            "Hostname",
+            "Content-Length-X",
+            "T",
+            "Server-Timing",
+        ] {
+            let input = format!("0\r\n{allowed}: x\r\n\r\n");
+            assert!(decode_all(input.as_bytes()).is_ok(), "{allowed}");
         }
     }
 

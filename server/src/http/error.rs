@@ -55,6 +55,10 @@ pub enum HttpError {
     /// More than one Content-Length field (400).
     #[error("duplicate Content-Length")]
     DuplicateContentLength,
+    /// More than one Content-Type field, a singleton whose repeats cannot be merged (400,
+    /// RFC 9110 5.3).
+    #[error("duplicate Content-Type")]
+    DuplicateContentType,
     /// Both Transfer-Encoding and Content-Length (400; a request-smuggling classic).
     #[error("both Transfer-Encoding and Content-Length")]
     ContentLengthWithTransferEncoding,
@@ -77,9 +81,17 @@ pub enum HttpError {
     /// A malformed trailer field (400).
     #[error("invalid trailer")]
     InvalidTrailer,
+    /// A field that must not be sent as a trailer, such as Content-Length or Host (400,
+    /// RFC 9110 6.5.1).
+    #[error("field not allowed in a trailer")]
+    ForbiddenTrailer,
     /// Trailer section larger than allowed (431).
     #[error("trailer section too large")]
     TrailersTooLarge,
+    /// The client ended its side of the connection before the whole body arrived (400). Not
+    /// produced by the parser itself.
+    #[error("request body cut short")]
+    IncompleteBody,
     /// The body is larger than the worker accepts (413). Not produced by the parser itself.
     #[error("request body too large")]
     PayloadTooLarge,
@@ -111,12 +123,15 @@ impl HttpError {
             | HttpError::InvalidHost
             | HttpError::InvalidContentLength
             | HttpError::DuplicateContentLength
+            | HttpError::DuplicateContentType
             | HttpError::ContentLengthWithTransferEncoding
             | HttpError::InvalidTransferEncoding
             | HttpError::InvalidChunkSize
             | HttpError::ChunkLineTooLong
             | HttpError::InvalidChunkFraming
-            | HttpError::InvalidTrailer => 400,
+            | HttpError::InvalidTrailer
+            | HttpError::ForbiddenTrailer
+            | HttpError::IncompleteBody => 400,
         }
     }
 

@@ -298,6 +298,11 @@ fn build(
         0 => Version::Http10,
         _ => Version::Http11,
     };
+    // RFC 9112 3.2 (RFC 3986 2): the target is printable ASCII, anything else percent-encoded;
+    // httparse lets bytes above 0x7F through.
+    if !target.iter().all(|b| (0x21..=0x7e).contains(b)) {
+        return Err(HttpError::InvalidTarget);
+    }
     let (path, query) = split_target(method, target)?;
 
     let base = buf.as_ptr() as usize;
@@ -308,6 +313,7 @@ fn build(
     let mut conn_keep_alive = false;
     let mut expect_continue = false;
     let mut hosts = 0usize;
+    let mut content_types = 0usize;
     for h in req.headers.iter() {
         if limits.field_size > 0 {
             let name_at = h.name.as_ptr() as usize - base;
@@ -337,6 +343,12 @@ fn build(
                     } else if token.eq_ignore_ascii_case(b"keep-alive") {
                         conn_keep_alive = true;
                     }
+                }
+            }
+            12 if name.eq_ignore_ascii_case("content-type") => {
+                content_types += 1;
+                if content_types > 1 {
+                    return Err(HttpError::DuplicateContentType);
                 }
             }
             14 if name.eq_ignore_ascii_case("content-length") => {

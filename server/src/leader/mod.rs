@@ -28,9 +28,8 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use pyo3::prelude::*;
 
-use crate::config_file::Hooks;
 use crate::heartbeat::{Heartbeats, MAX_SLOTS};
-use crate::hooks::{ServerObject, arg};
+use crate::hooks::{Hook, Hooks, ServerObject, arg};
 use crate::listeners::Listener;
 use crate::python::AppSpec;
 use crate::settings::Settings;
@@ -120,14 +119,14 @@ impl Leader {
         let server = Python::attach(|py| -> anyhow::Result<Py<ServerObject>> {
             let server = crate::hooks::server_object(py, &settings, &app_name, target)
                 .map_err(|e| anyhow::anyhow!(crate::python::format_exception(e)))?;
-            crate::hooks::call(py, &hooks, "nworkers_changed", || {
+            crate::hooks::call(py, &hooks, Hook::NworkersChanged, || {
                 Ok(vec![
                     arg(py, &server),
                     target.into_pyobject(py)?.into_any(),
                     py.None().into_bound(py),
                 ])
             })?;
-            crate::hooks::call(py, &hooks, "on_starting", || Ok(vec![arg(py, &server)]))?;
+            crate::hooks::call(py, &hooks, Hook::OnStarting, || Ok(vec![arg(py, &server)]))?;
             Ok(server)
         })?;
 
@@ -234,7 +233,7 @@ impl Leader {
     /// and `on_exit` last.
     pub fn run(mut self) -> ExitCode {
         let ready = Python::attach(|py| {
-            crate::hooks::call(py, &self.hooks, "when_ready", || {
+            crate::hooks::call(py, &self.hooks, Hook::WhenReady, || {
                 Ok(vec![arg(py, &self.server)])
             })
         });
@@ -244,7 +243,7 @@ impl Leader {
             self.main_loop()
         };
         Python::attach(|py| {
-            let _ = crate::hooks::call(py, &self.hooks, "on_exit", || {
+            let _ = crate::hooks::call(py, &self.hooks, Hook::OnExit, || {
                 Ok(vec![arg(py, &self.server)])
             });
         });
@@ -353,7 +352,7 @@ impl Leader {
         self.target = target;
         let failed = Python::attach(|py| {
             self.server.borrow_mut(py).num_workers = target;
-            crate::hooks::call(py, &self.hooks, "nworkers_changed", || {
+            crate::hooks::call(py, &self.hooks, Hook::NworkersChanged, || {
                 Ok(vec![
                     arg(py, &self.server),
                     target.into_pyobject(py)?.into_any(),
@@ -446,6 +445,11 @@ impl Leader {
             let expected = worker.retiring.is_some() || self.stopping.is_some();
             match (code, signal) {
                 (Some(0), _) => {}
+                (Some(c), _) if WorkerExit::from_code(c) == Some(WorkerExit::Panicked) => {
+                    log::error!(
+                        "Worker (pid:{pid}) panicked (exit code {c}); the panic is logged above"
+                    );
+                }
                 (Some(c), _) => log::error!("Worker (pid:{pid}) exited with code {c}"),
                 (None, Some(Signal::SIGKILL)) if !expected => {
                     log::error!("Worker (pid:{pid}) was sent SIGKILL! Perhaps out of memory?");
@@ -484,11 +488,11 @@ impl Leader {
 
     /// `child_exit(server, worker)` for a reaped worker.
     fn child_exit(&mut self, slot: u32, worker: &WorkerProc) {
-        if self.hooks.child_exit.is_none() {
+        if self.hooks.get(Hook::ChildExit).is_none() {
             return;
         }
         let failed = Python::attach(|py| {
-            crate::hooks::call(py, &self.hooks, "child_exit", || {
+            crate::hooks::call(py, &self.hooks, Hook::ChildExit, || {
                 let w = crate::hooks::worker_object(
                     py,
                     &self.server,
@@ -622,7 +626,7 @@ impl Leader {
             )
             .map_err(|e| log::error!("{}", crate::python::format_exception(e)))
             .ok()?;
-            crate::hooks::call(py, &self.hooks, "pre_fork", || {
+            crate::hooks::call(py, &self.hooks, Hook::PreFork, || {
                 Ok(vec![arg(py, &self.server), arg(py, &worker)])
             })
             .ok()?;
@@ -636,9 +640,11 @@ impl Leader {
         if let (Some(counts), Some(load)) = (&self.request_counts, load) {
             counts.claim(load.cell(), slot);
         }
-        let forked = Python::attach(crate::python::fork);
+        let forked = spawn::fork_child(|| {
+            Python::attach(|py| spawn::worker_main(py, self, slot, age, load, worker))
+        });
         match forked {
-            Ok(crate::python::Forked::Parent(pid)) => {
+            Ok(pid) => {
                 log::info!("Booting worker with pid: {pid}");
                 self.slots.insert(
                     slot,
@@ -650,11 +656,6 @@ impl Leader {
                         load_cell: load.map(|l| l.cell()),
                     },
                 );
-            }
-            Ok(crate::python::Forked::Child) => {
-                let code =
-                    Python::attach(|py| spawn::worker_main(py, self, slot, age, load, worker));
-                spawn::exit_worker(code);
             }
             Err(e) => {
                 log::error!("fork failed: {e}");

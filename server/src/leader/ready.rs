@@ -49,10 +49,13 @@ mod tests {
     fn a_mark_is_seen_across_fork() {
         let ready = Ready::new().expect("mmap");
         assert!(!ready.is_ready(3, 42));
-        // SAFETY: the child only stores to shared memory and exits.
+        // SAFETY: after fork only async-signal-safe work is allowed in the child of this
+        // multi-threaded test process; the child only stores to shared memory and `_exit`s.
         match unsafe { nix::unistd::fork() }.expect("fork") {
             nix::unistd::ForkResult::Child => {
                 ready.mark(3, 42);
+                // SAFETY: _exit is async-signal-safe and ends the child without running the parent's
+                // destructors or atexit handlers.
                 unsafe { libc::_exit(0) };
             }
             nix::unistd::ForkResult::Parent { child } => {

@@ -20,9 +20,8 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::{HOOK_FAILED, Leader, signals, start};
-use crate::config_file::Hooks;
 use crate::heartbeat::MAX_SLOTS;
-use crate::hooks::arg;
+use crate::hooks::{Hook, Hooks, arg};
 use crate::python::AppSpec;
 use crate::settings::Settings;
 
@@ -166,7 +165,7 @@ impl Leader {
             }
         }
         let failed = Python::attach(|py| {
-            crate::hooks::call(py, &self.hooks, "on_reload", || {
+            crate::hooks::call(py, &self.hooks, Hook::OnReload, || {
                 Ok(vec![arg(py, &self.server)])
             })
             .is_err()

@@ -6,7 +6,7 @@ use std::time::Duration;
 use pyo3::prelude::*;
 
 use super::Leader;
-use crate::hooks::{RequestHooks, WorkerObject, arg};
+use crate::hooks::{Hook, RequestHooks, WorkerObject, arg};
 use crate::worker::{Identity, WorkerConfig, WorkerExit};
 use crate::wsgi::Wsgi;
 use crate::wsgi::environ::TrustedProxies;
@@ -34,7 +34,7 @@ pub fn worker_main(
     if let Ok(mut w) = worker.try_borrow_mut(py) {
         w.alive = false;
     }
-    let _ = crate::hooks::call(py, &leader.hooks, "worker_exit", || {
+    let _ = crate::hooks::call(py, &leader.hooks, Hook::WorkerExit, || {
         Ok(vec![arg(py, &leader.server), arg(py, &worker)])
     });
     exit
@@ -61,8 +61,7 @@ fn boot_and_serve(
     }
     crate::worker::signals::set_hooks(crate::worker::signals::SignalHooks {
         worker: worker.clone_ref(py),
-        worker_int: leader.hooks.worker_int.as_ref().map(|h| h.clone_ref(py)),
-        worker_abort: leader.hooks.worker_abort.as_ref().map(|h| h.clone_ref(py)),
+        hooks: leader.hooks.clone_ref(py),
     });
     if let Some(rt) = &leader.runtime
         && let Err(e) = crate::runtime_dir::announce(
@@ -108,7 +107,7 @@ fn boot_and_serve(
     let _ = usr2.thread_unblock();
 
     // gunicorn: an exception in post_fork is a boot error of this worker.
-    if crate::hooks::call(py, &leader.hooks, "post_fork", || {
+    if crate::hooks::call(py, &leader.hooks, Hook::PostFork, || {
         Ok(vec![arg(py, &leader.server), arg(py, worker)])
     })
     .is_err()
@@ -140,13 +139,21 @@ fn boot_and_serve(
     };
 
     let settings = &leader.settings;
+    // Validated with the settings; an error here would be a bug, never "trust nobody".
+    let trusted = match TrustedProxies::parse(&settings.forwarded_allow_ips) {
+        Ok(trusted) => trusted,
+        Err(e) => {
+            log::error!("{e:#}");
+            return WorkerExit::BootError;
+        }
+    };
     let config = WorkerConfig {
         threads: settings.threads.max(1) as usize,
         keepalive: Duration::from_secs(settings.keepalive),
         timeout: Duration::from_secs(settings.timeout),
         max_requests: with_jitter(settings.max_requests, settings.max_requests_jitter),
         limits: settings.http_limits(),
-        trusted: TrustedProxies::parse(&settings.forwarded_allow_ips).unwrap_or_default(),
+        trusted,
         multiprocess: settings.workers > 1,
         max_connections: MAX_CONNECTIONS,
     };
@@ -176,7 +183,7 @@ fn boot_and_serve(
             return WorkerExit::BootError;
         }
     };
-    if crate::hooks::call(py, &leader.hooks, "post_worker_init", || {
+    if crate::hooks::call(py, &leader.hooks, Hook::PostWorkerInit, || {
         Ok(vec![arg(py, worker)])
     })
     .is_err()
@@ -186,12 +193,13 @@ fn boot_and_serve(
     if let Ok(mut w) = worker.try_borrow_mut(py) {
         w.booted = true;
     }
-    let request_hooks = (leader.hooks.pre_request.is_some() || leader.hooks.post_request.is_some())
-        .then(|| RequestHooks {
-            worker: worker.clone_ref(py),
-            pre_request: leader.hooks.pre_request.as_ref().map(|h| h.clone_ref(py)),
-            post_request: leader.hooks.post_request.as_ref().map(|h| h.clone_ref(py)),
-        });
+    let defined = |hook| leader.hooks.get(hook).map(|h| h.clone_ref(py));
+    let (pre_request, post_request) = (defined(Hook::PreRequest), defined(Hook::PostRequest));
+    let request_hooks = (pre_request.is_some() || post_request.is_some()).then(|| RequestHooks {
+        worker: worker.clone_ref(py),
+        pre_request,
+        post_request,
+    });
     let id = Identity {
         slot,
         heartbeats: leader.heartbeats,
@@ -272,8 +280,28 @@ fn with_jitter(max_requests: u64, jitter: u64) -> u64 {
     max_requests + seed % (jitter + 1)
 }
 
+/// Forks; in the child, runs `child` and ends the process with the status it returns. Returns
+/// only in the leader, with the child's PID.
+///
+/// The child's stack still holds the leader's frames, so nothing may return or unwind into
+/// them there: their destructors would act for the leader (delete its runtime folder, among
+/// others). A panic in `child` (logged by the panic hook) ends the child with
+/// [`WorkerExit::Panicked`].
+///
+/// # Errors
+/// `fork()` failed.
+pub fn fork_child(child: impl FnOnce() -> WorkerExit) -> nix::Result<nix::unistd::Pid> {
+    match Python::attach(crate::python::fork)? {
+        crate::python::Forked::Parent(pid) => Ok(pid),
+        crate::python::Forked::Child => {
+            let code = crate::panics::contain(child).unwrap_or(WorkerExit::Panicked);
+            exit_worker(code)
+        }
+    }
+}
+
 /// Ends the worker process without unwinding into leader code or running its destructors.
-pub fn exit_worker(code: WorkerExit) -> ! {
+fn exit_worker(code: WorkerExit) -> ! {
     log::logger().flush();
     // SAFETY: _exit ends the process at once; nothing after it runs.
     unsafe { libc::_exit(code as i32) }

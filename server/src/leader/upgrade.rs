@@ -14,7 +14,7 @@ use nix::unistd::Pid;
 use pyo3::prelude::*;
 
 use super::{Leader, signals, spawn, start};
-use crate::hooks::arg;
+use crate::hooks::{Hook, arg};
 
 /// Environment variable naming the old leader's PID in a leader started by USR2 (gunicorn's
 /// `GUNICORN_PID`). While that leader lives, the new one neither upgrades itself nor removes
@@ -39,7 +39,9 @@ impl Upgrade {
             .ok()
             .and_then(|v| v.parse::<i32>().ok())
             .map(Pid::from_raw);
-        // SAFETY: read once at start-up, before any thread exists.
+        // SAFETY: set_var/remove_var race only with other threads touching the environment; the
+        // leader runs on this one thread alone (its invariant, since fork copies only the calling
+        // thread), and this runs at start-up before any worker is forked.
         unsafe { std::env::remove_var(PARENT_ENV) };
         Self {
             parent,
@@ -98,27 +100,27 @@ impl Leader {
                 Err(e) => log::warn!("USR2: cannot rename {}: {e}", path.display()),
             }
         }
-        match Python::attach(crate::python::fork) {
-            Ok(crate::python::Forked::Parent(pid)) => {
+        let forked = spawn::fork_child(|| {
+            signals::uninstall();
+            let ok = Python::attach(|py| {
+                crate::hooks::call(py, &self.hooks, Hook::PreExec, || {
+                    Ok(vec![arg(py, &self.server)])
+                })
+                .is_ok()
+            });
+            if ok {
+                let err = plan.exec();
+                log::error!("USR2: cannot execute {}: {err}", exe.display());
+            }
+            crate::worker::WorkerExit::BootError
+        });
+        match forked {
+            Ok(pid) => {
                 log::info!(
                     "USR2: started a new leader (pid {pid}) from {}",
                     exe.display()
                 );
                 self.upgrade.child = Some(pid);
-            }
-            Ok(crate::python::Forked::Child) => {
-                signals::uninstall();
-                let ok = Python::attach(|py| {
-                    crate::hooks::call(py, &self.hooks, "pre_exec", || {
-                        Ok(vec![arg(py, &self.server)])
-                    })
-                    .is_ok()
-                });
-                if ok {
-                    let err = plan.exec();
-                    log::error!("USR2: cannot execute {}: {err}", exe.display());
-                }
-                spawn::exit_worker(crate::worker::WorkerExit::BootError);
             }
             Err(e) => {
                 log::error!("USR2: fork failed: {e}");
@@ -211,7 +213,8 @@ impl ExecPlan {
         use nix::sys::signal::{SigSet, SigmaskHow, sigprocmask};
         let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
         if let Some(cwd) = &self.cwd {
-            // SAFETY: chdir with a valid C string.
+            // SAFETY: `cwd` is a CString we own, so the pointer is valid and NUL-terminated for
+            // the call; chdir is async-signal-safe, as the forked child requires.
             unsafe { libc::chdir(cwd.as_ptr()) };
         }
         match nix::unistd::execve(&self.exe, &self.argv, &self.env) {

@@ -146,6 +146,24 @@ pub fn init(settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Logs `message` at ERROR without waiting for the error log's lock, for the panic hook: the
+/// panicking thread may hold that lock itself. Then the line goes to stderr instead.
+pub fn error_without_waiting(message: std::fmt::Arguments<'_>) {
+    let line = format_line(&Local::now(), std::process::id(), LogLevel::Error, &message);
+    let sink = match ERROR_LOG.sink.try_lock() {
+        Ok(sink) => Some(sink),
+        Err(std::sync::TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    };
+    let written = sink
+        .as_ref()
+        .and_then(|sink| sink.as_ref())
+        .is_some_and(|sink| sink.write_line(line.as_bytes()).is_ok());
+    if !written {
+        let _ = Sink::Stderr.write_line(line.as_bytes());
+    }
+}
+
 /// Reopens the error-log file at its path (USR1 after logrotate). A no-op for stderr.
 ///
 /// Call it from the leader's loop or the worker's, never from a signal handler: it takes a

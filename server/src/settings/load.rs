@@ -32,8 +32,9 @@ use clap::parser::ValueSource;
 use clap::{ArgAction, FromArgMatches};
 use serde_json::{Map, Value};
 
+use super::config_file::{self, ConfigValue, SettingKind};
 use super::{Settings, unsupported};
-use crate::config_file::{self, ConfigValue, Hooks};
+use crate::hooks::table::Hooks;
 
 /// The result of [`load`]: the resolved settings and the config file's hooks.
 #[derive(Debug)]
@@ -46,19 +47,6 @@ pub struct Loaded {
 
 /// The config file gunicorn (and forkscope) reads when `-c` is not given and it exists.
 pub const DEFAULT_CONFIG: &str = "./gunicorn.conf.py";
-
-/// What a setting's value looks like, for type-checking config-file globals.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SettingKind {
-    /// A switch (`--preload`): a Python `bool`.
-    Flag,
-    /// A repeatable or comma-separated value (`bind`): a `str` or a list of `str`.
-    List,
-    /// A number (`workers`): a Python `int` (or a `str` of digits, as gunicorn accepts).
-    Int,
-    /// Text or a path (`errorlog`): a Python `str`.
-    Text,
-}
 
 /// Resolves the settings from `args` (with the program name first, like `std::env::args_os`),
 /// the process environment and the config file, in gunicorn's precedence (module docs).

@@ -12,6 +12,8 @@
 //! - [`load`](mod@load): resolves one `Settings` from defaults, the config file, env vars,
 //!   `GUNICORN_CMD_ARGS`/`FORKSCOPE_CMD_ARGS` and the command line (precedence documented
 //!   there).
+//! - [`config_file`]: evaluates a gunicorn-style Python config file into setting values and
+//!   hooks, for `load`.
 //! - [`unsupported`]: gunicorn options forkscope refuses by name, with the reason.
 //! - [`docs`]: renders `docs/SETTINGS.md` from the clap command (a test keeps it fresh).
 
@@ -20,12 +22,23 @@ use std::path::PathBuf;
 use clap::{ArgAction, CommandFactory, Parser, ValueEnum};
 use serde::{Deserialize, Serialize};
 
+pub mod config_file;
 pub mod docs;
 pub mod load;
 pub mod memory;
 pub mod unsupported;
 
 pub use load::{Loaded, load, load_with_env};
+
+/// The longest duration a setting takes, in seconds (365 days): far beyond any sensible
+/// timeout, and far from overflowing a deadline computed from it.
+pub const MAX_SECONDS: u64 = 365 * 24 * 60 * 60;
+
+/// The largest request count (`max_requests`, `max_requests_jitter`), so their sum fits.
+pub const MAX_REQUESTS: u64 = u32::MAX as u64;
+
+/// The most threads per worker (each runs its own event loop, with two descriptors).
+pub const MAX_THREADS: u64 = 1024;
 
 /// gunicorn's default access log format (Apache combined log format).
 pub const DEFAULT_ACCESS_LOG_FORMAT: &str =
@@ -67,7 +80,7 @@ pub struct Settings {
     )]
     pub bind: Vec<String>,
 
-    /// The number of worker processes.
+    /// The number of worker processes (1 to 4096).
     ///
     /// Default: `$WEB_CONCURRENCY` when set (as in gunicorn), else 1.
     #[arg(
@@ -76,11 +89,11 @@ pub struct Settings {
         value_name = "INT",
         env = "FORKSCOPE_WORKERS",
         default_value_t = 1,
-        value_parser = clap::value_parser!(u32).range(1..)
+        value_parser = parse_workers
     )]
     pub workers: u32,
 
-    /// The number of Python threads per worker that run requests concurrently.
+    /// The number of Python threads per worker that run requests concurrently (1 to 1024).
     ///
     /// Each worker also keeps idle keep-alive connections open without a thread each.
     #[arg(
@@ -88,7 +101,7 @@ pub struct Settings {
         value_name = "INT",
         env = "FORKSCOPE_THREADS",
         default_value_t = 1,
-        value_parser = clap::value_parser!(u32).range(1..)
+        value_parser = parse_threads
     )]
     pub threads: u32,
 
@@ -150,52 +163,61 @@ pub struct Settings {
     )]
     pub backlog: i32,
 
-    /// Seconds to wait for the next request on a keep-alive connection.
+    /// Seconds to wait for the next request on a keep-alive connection (at most 31536000).
     #[arg(
         long = "keep-alive",
         value_name = "SECONDS",
         env = "FORKSCOPE_KEEPALIVE",
-        default_value_t = 2
+        default_value_t = 2,
+        value_parser = parse_seconds
     )]
     pub keepalive: u64,
 
     /// A worker busy with one request longer than this many seconds is aborted (its Python
-    /// stacks go to the error log first) and replaced. 0 disables the check.
+    /// stacks go to the error log first) and replaced. 0 disables the check; at most 31536000
+    /// (365 days).
     #[arg(
         short = 't',
         long = "timeout",
         value_name = "SECONDS",
         env = "FORKSCOPE_TIMEOUT",
-        default_value_t = 30
+        default_value_t = 30,
+        value_parser = parse_seconds
     )]
     pub timeout: u64,
 
-    /// Seconds that workers get to finish their requests after a graceful stop or reload.
+    /// Seconds that workers get to finish their requests after a graceful stop or reload (at
+    /// most 31536000).
     #[arg(
         long = "graceful-timeout",
         value_name = "SECONDS",
         env = "FORKSCOPE_GRACEFUL_TIMEOUT",
-        default_value_t = 30
+        default_value_t = 30,
+        value_parser = parse_seconds
     )]
     pub graceful_timeout: u64,
 
-    /// A worker retires gracefully after serving this many requests (0 = never).
+    /// A worker retires gracefully after serving this many requests (0 = never; at most
+    /// 4294967295).
     ///
     /// A simple guard against slow memory leaks in the application.
     #[arg(
         long = "max-requests",
         value_name = "INT",
         env = "FORKSCOPE_MAX_REQUESTS",
-        default_value_t = 0
+        default_value_t = 0,
+        value_parser = parse_requests
     )]
     pub max_requests: u64,
 
-    /// Adds a random 0..=N to max_requests per worker, so workers do not all retire at once.
+    /// Adds a random 0..=N to max_requests per worker, so workers do not all retire at once
+    /// (at most 4294967295).
     #[arg(
         long = "max-requests-jitter",
         value_name = "INT",
         env = "FORKSCOPE_MAX_REQUESTS_JITTER",
-        default_value_t = 0
+        default_value_t = 0,
+        value_parser = parse_requests
     )]
     pub max_requests_jitter: u64,
 
@@ -264,15 +286,18 @@ pub struct Settings {
     )]
     pub limit_request_field_size: usize,
 
-    /// Comma-separated peer addresses whose X-Forwarded-* headers are trusted (`*` = all).
+    /// Comma-separated peer addresses or networks (`10.0.0.0/8`) whose X-Forwarded-* headers
+    /// are trusted (`*` = all).
     ///
-    /// Default: `127.0.0.1,::1`, or `$FORWARDED_ALLOW_IPS` when set (as in gunicorn).
+    /// An entry that is none of these is an error. Default: `127.0.0.1,::1`, or
+    /// `$FORWARDED_ALLOW_IPS` when set (as in gunicorn).
     #[arg(
         long = "forwarded-allow-ips",
         value_name = "ADDRESSES",
         env = "FORKSCOPE_FORWARDED_ALLOW_IPS",
         value_delimiter = ',',
-        default_values_t = [String::from("127.0.0.1"), String::from("::1")]
+        default_values_t = [String::from("127.0.0.1"), String::from("::1")],
+        value_parser = crate::wsgi::environ::TrustedProxies::check_entry
     )]
     pub forwarded_allow_ips: Vec<String>,
 
@@ -500,6 +525,34 @@ impl Settings {
         }
         out
     }
+}
+
+/// A whole number from `min` to `max` (what overflows u64 is out of range too); the error
+/// states the range.
+fn whole_number(value: &str, min: u64, max: u64, unit: &str) -> Result<u64, String> {
+    value
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|n| (min..=max).contains(n))
+        .ok_or_else(|| format!("expected a whole number of {unit} from {min} to {max}"))
+}
+
+fn parse_seconds(value: &str) -> Result<u64, String> {
+    whole_number(value, 0, MAX_SECONDS, "seconds")
+}
+
+fn parse_requests(value: &str) -> Result<u64, String> {
+    whole_number(value, 0, MAX_REQUESTS, "requests")
+}
+
+fn parse_workers(value: &str) -> Result<u32, String> {
+    let max = crate::heartbeat::MAX_SLOTS as u64;
+    whole_number(value, 1, max, "workers").map(|n| n as u32)
+}
+
+fn parse_threads(value: &str) -> Result<u32, String> {
+    whole_number(value, 1, MAX_THREADS, "threads").map(|n| n as u32)
 }
 
 /// Validates one `--env` value: `KEY=VALUE` with a non-empty key.

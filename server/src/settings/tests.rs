@@ -7,7 +7,8 @@ use std::io::Write as _;
 
 use pyo3::Python;
 
-use super::load::{SettingKind, setting_kinds};
+use super::config_file::SettingKind;
+use super::load::setting_kinds;
 use super::unsupported::{self, UNSUPPORTED};
 use super::*;
 
@@ -728,9 +729,7 @@ fn every_gunicorn_setting_is_covered() {
         }
     }
     for (name, flags) in &gunicorn {
-        let hook = crate::config_file::HOOKS
-            .iter()
-            .any(|(hook, _)| hook == name);
+        let hook = crate::hooks::Hook::from_name(name).is_some();
         let refused = unsupported::by_name(name);
         assert!(
             kinds.contains_key(name) || name == "config" || hook || refused.is_some(),
@@ -744,4 +743,90 @@ fn every_gunicorn_setting_is_covered() {
             assert!(covered, "gunicorn flag {flag} of {name} is not handled");
         }
     }
+}
+
+/// Issue 14: a duration or count too large for the server's arithmetic (a deadline of
+/// `now + --timeout`) used to be accepted and panic later; each is refused at start-up, from
+/// every source, with the setting named and its bound.
+#[test]
+fn durations_and_counts_beyond_their_range_are_refused_from_every_source() {
+    let huge = "18446744073709551615";
+    for (flag, name, env, bound) in [
+        ("--timeout", "timeout", "FORKSCOPE_TIMEOUT", "31536000"),
+        (
+            "--graceful-timeout",
+            "graceful_timeout",
+            "FORKSCOPE_GRACEFUL_TIMEOUT",
+            "31536000",
+        ),
+        (
+            "--keep-alive",
+            "keepalive",
+            "FORKSCOPE_KEEPALIVE",
+            "31536000",
+        ),
+        (
+            "--max-requests",
+            "max_requests",
+            "FORKSCOPE_MAX_REQUESTS",
+            "4294967295",
+        ),
+        (
+            "--max-requests-jitter",
+            "max_requests_jitter",
+            "FORKSCOPE_MAX_REQUESTS_JITTER",
+            "4294967295",
+        ),
+        ("--workers", "workers", "FORKSCOPE_WORKERS", "4096"),
+        ("--threads", "threads", "FORKSCOPE_THREADS", "1024"),
+    ] {
+        let cli = error_of(load_plain(&[&format!("{flag}={huge}")], &[]));
+        assert!(cli.contains(flag) && cli.contains(bound), "{flag}: {cli}");
+        let from_env = error_of(load_plain(&[], &[(env, huge)]));
+        assert!(
+            from_env.contains(env) && from_env.contains(bound),
+            "{from_env}"
+        );
+        let (_dir, path) = config_file(&format!("{name} = {huge}\n"));
+        let from_file = error_of(load_py(&["-c", &path], &[]));
+        assert!(
+            from_file.contains(&format!("setting `{name}`")) && from_file.contains(bound),
+            "{from_file}"
+        );
+        // The bound itself is accepted.
+        assert!(
+            load_plain(&[&format!("{flag}={bound}")], &[]).is_ok(),
+            "{flag}={bound}"
+        );
+    }
+}
+
+/// Issue 14: an entry of --forwarded-allow-ips that is not `*`, an address or a network was
+/// dropped in the worker, so a typo silently trusted nobody.
+#[test]
+fn forwarded_allow_ips_entries_must_be_addresses_or_networks() {
+    for bad in ["10.0.0.0/33", "localhost", "10.0.0.1/x", "::1/129", "1.2.3"] {
+        let error = error_of(load_plain(&["--forwarded-allow-ips", bad], &[]));
+        assert!(
+            error.contains("--forwarded-allow-ips") && error.contains(bad),
+            "{bad}: {error}"
+        );
+        let error = error_of(load_plain(&[], &[("FORWARDED_ALLOW_IPS", bad)]));
+        assert!(error.contains("FORWARDED_ALLOW_IPS"), "{bad}: {error}");
+        let (_dir, path) = config_file(&format!("forwarded_allow_ips = ['127.0.0.1', '{bad}']\n"));
+        let error = error_of(load_py(&["-c", &path], &[]));
+        assert!(
+            error.contains("setting `forwarded_allow_ips`"),
+            "{bad}: {error}"
+        );
+    }
+    let s = load_plain(
+        &["--forwarded-allow-ips", "*,10.0.0.0/8, ::1,2001:db8::/32"],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        s.forwarded_allow_ips,
+        vec!["*", "10.0.0.0/8", "::1", "2001:db8::/32"]
+    );
 }

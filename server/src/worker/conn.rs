@@ -33,8 +33,9 @@ fn read_into_spare(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<(usize, usize)> {
         return Err(io::Error::last_os_error());
     }
     let n = n as usize;
-    // SAFETY: `n` bytes were initialized by read(2) just above.
     let asked = spare.len();
+    // SAFETY: read(2) initialized the first `n` bytes of the spare capacity (n <= asked), so
+    // the new length covers only initialized bytes within the allocation.
     unsafe { buf.set_len(buf.len() + n) };
     Ok((n, asked))
 }
@@ -161,6 +162,9 @@ pub struct Conn {
     /// The last read returned less than it asked for: the socket had nothing more, and (edge-
     /// triggered) new bytes will come with a new readable event. Saves one read(2) per request.
     drained: bool,
+    /// The peer's end of input (or an error) was reported. It may have come with the same
+    /// event as the last bytes, and no event follows it: reads go on until they return 0.
+    hung_up: bool,
 }
 
 impl Conn {
@@ -177,12 +181,15 @@ impl Conn {
             served: 0,
             eof: false,
             drained: false,
+            hung_up: false,
         }
     }
 
-    /// The socket reported new bytes (or a hang-up): reading may find something again.
-    pub fn readable(&mut self) {
+    /// The socket reported new bytes, or a hang-up (`hung_up`): reading may find something
+    /// again.
+    pub fn readable(&mut self, hung_up: bool) {
         self.drained = false;
+        self.hung_up |= hung_up;
     }
 
     /// True while the app has a request of this connection.
@@ -324,16 +331,23 @@ impl Conn {
     }
 
     /// Reads what the socket has. `Ok(None)` when bytes arrived; `Wait` or `Close` otherwise.
+    ///
+    /// # Errors
+    /// The client ended its input in the middle of a body.
     fn fill(&mut self) -> Result<Option<Next>, HttpError> {
         if self.eof {
             return Ok(Some(Next::Close));
         }
-        if self.drained {
+        if self.drained && !self.hung_up {
             return Ok(Some(Next::Wait));
         }
         match read_into_spare(self.stream.fd(), &mut self.rbuf) {
             Ok((0, _)) => {
                 self.eof = true;
+                // A half-closed client still reads: it is told its request was incomplete.
+                if matches!(self.phase, Phase::Body { .. }) {
+                    return Err(HttpError::IncompleteBody);
+                }
                 Ok(Some(Next::Close))
             }
             Ok((n, asked)) => {

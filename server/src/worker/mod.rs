@@ -43,6 +43,9 @@ pub enum WorkerExit {
     BootError = 3,
     /// The application could not be imported in the worker.
     AppLoadError = 4,
+    /// The worker panicked (a bug of the server; the panic is in the error log). The code a
+    /// panicking Rust program exits with.
+    Panicked = 101,
 }
 
 impl WorkerExit {
@@ -52,6 +55,7 @@ impl WorkerExit {
             0 => Some(Self::Normal),
             3 => Some(Self::BootError),
             4 => Some(Self::AppLoadError),
+            101 => Some(Self::Panicked),
             _ => None,
         }
     }
@@ -111,6 +115,8 @@ struct Shared {
     stopping: AtomicBool,
     /// Exit now (quick stop).
     exit_now: AtomicBool,
+    /// A request thread panicked: the worker exits now, as [`WorkerExit::Panicked`].
+    panicked: AtomicBool,
     /// When each loop's current request started (monotonic ms; 0 = none).
     busy_since: Vec<AtomicU64>,
     /// Wakes each loop when `stopping` or `exit_now` changes.
@@ -216,6 +222,7 @@ pub fn serve(
         served: AtomicU64::new(0),
         stopping: AtomicBool::new(false),
         exit_now: AtomicBool::new(false),
+        panicked: AtomicBool::new(false),
         busy_since: (0..threads).map(|_| AtomicU64::new(0)).collect(),
         wakers,
         hooks,
@@ -247,14 +254,29 @@ pub fn serve(
         let others: Vec<_> = loops
             .enumerate()
             .filter_map(|(i, mut l)| {
+                let name = format!("loop-{}", i + 1);
                 std::thread::Builder::new()
-                    .name(format!("loop-{}", i + 1))
-                    .spawn(move || l.run())
+                    .name(name.clone())
+                    .spawn(move || {
+                        let ran = crate::panics::contain(|| {
+                            crate::failpoint::check("thread-start", name.as_bytes());
+                            l.run()
+                        });
+                        if ran.is_err() {
+                            // Its connections are gone and the worker's state is suspect.
+                            l.shared.panicked.store(true, Ordering::SeqCst);
+                            l.shared.exit_now.store(true, Ordering::SeqCst);
+                            l.shared.wake_all();
+                        }
+                    })
                     .map_err(|e| log::error!("cannot start request thread {}: {e}", i + 1))
                     .ok()
             })
             .collect();
         let exit = main.run();
+        if shared.panicked.load(Ordering::SeqCst) {
+            return Ok(WorkerExit::Panicked);
+        }
         if shared.exit_now.load(Ordering::SeqCst) {
             // Quick stop: threads stuck in requests are not waited for.
             return exit;
@@ -399,7 +421,7 @@ impl EventLoop {
                         if (event.is_readable() || event.is_read_closed() || event.is_error())
                             && let Some(conn) = self.conns.get_mut(&key)
                         {
-                            conn.readable();
+                            conn.readable(event.is_read_closed() || event.is_error());
                         }
                         self.drive(key);
                     }
@@ -635,6 +657,7 @@ impl EventLoop {
                     return;
                 }
                 Next::Dispatch(mut req) => {
+                    crate::failpoint::check("request", &req.head.path);
                     // The last response before the worker goes says `Connection: close`, so
                     // the client does not send another request on a connection about to close.
                     let max = self.shared.config.max_requests;
@@ -767,7 +790,7 @@ fn hooked_request(
         }
     };
     if let Some(pre) = &hooks.pre_request
-        && crate::hooks::call_hook(py, pre, "pre_request", || {
+        && crate::hooks::call_hook(py, pre, crate::hooks::Hook::PreRequest, || {
             Ok(vec![
                 crate::hooks::arg(py, &hooks.worker),
                 request.clone().into_any(),
@@ -786,7 +809,7 @@ fn hooked_request(
     }
     let done = wsgi.handle(py, req, fd, pending);
     if let Some(post) = &hooks.post_request {
-        let _ = crate::hooks::call_hook(py, post, "post_request", || {
+        let _ = crate::hooks::call_hook(py, post, crate::hooks::Hook::PostRequest, || {
             let environ = crate::wsgi::environ::base_environ(py, false, false)?;
             crate::wsgi::environ::fill(py, &environ, &head, &peer, "")?;
             let response = Bound::new(

@@ -34,6 +34,8 @@ use pyo3::prelude::*;
 use pyo3::types::IntoPyDict;
 use pyo3::wrap_pyfunction;
 
+use crate::hooks::{Hook, Hooks};
+
 /// Set by TERM: finish what is in flight, then exit.
 pub static GRACEFUL_STOP: AtomicBool = AtomicBool::new(false);
 /// Set by USR1: reopen the log files.
@@ -44,10 +46,8 @@ pub static REOPEN_LOGS: AtomicBool = AtomicBool::new(false);
 pub struct SignalHooks {
     /// The worker object of [`crate::hooks`].
     pub worker: Py<crate::hooks::WorkerObject>,
-    /// `worker_int(worker)`, on INT and QUIT.
-    pub worker_int: Option<Py<PyAny>>,
-    /// `worker_abort(worker)`, on ABRT (timeout).
-    pub worker_abort: Option<Py<PyAny>>,
+    /// The config file's hooks.
+    pub hooks: Hooks,
 }
 
 static SIGNAL_HOOKS: OnceLock<SignalHooks> = OnceLock::new();
@@ -62,28 +62,22 @@ pub fn set_hooks(hooks: SignalHooks) {
     let _ = SIGNAL_HOOKS.set(hooks);
 }
 
-fn run_signal_hook(py: Python<'_>, name: &'static str) {
+fn run_signal_hook(py: Python<'_>, hook: Hook) {
     let Some(h) = SIGNAL_HOOKS.get() else {
         return;
     };
     if let Ok(mut w) = h.worker.try_borrow_mut(py) {
         w.alive = false;
     }
-    let hook = match name {
-        "worker_int" => &h.worker_int,
-        _ => &h.worker_abort,
-    };
-    if let Some(hook) = hook {
-        let _ = crate::hooks::call_hook(py, hook, name, || {
-            Ok(vec![crate::hooks::arg(py, &h.worker)])
-        });
-    }
+    let _ = crate::hooks::call(py, &h.hooks, hook, || {
+        Ok(vec![crate::hooks::arg(py, &h.worker)])
+    });
 }
 
 #[pyfunction]
 fn _forkscope_on_abort(py: Python<'_>, _signum: i32, _frame: Bound<'_, PyAny>) {
     // faulthandler has already written every thread's stack to the error log.
-    run_signal_hook(py, "worker_abort");
+    run_signal_hook(py, Hook::WorkerAbort);
     log::info!("Worker exiting (pid: {})", std::process::id());
     crate::python::run_exit_functions(py);
     log::logger().flush();
@@ -98,7 +92,7 @@ fn _forkscope_on_term(_signum: i32, _frame: Bound<'_, PyAny>) {
 
 #[pyfunction]
 fn _forkscope_on_quit(py: Python<'_>, _signum: i32, _frame: Bound<'_, PyAny>) -> PyResult<()> {
-    run_signal_hook(py, "worker_int");
+    run_signal_hook(py, Hook::WorkerInt);
     Err(pyo3::exceptions::PySystemExit::new_err(0))
 }
 

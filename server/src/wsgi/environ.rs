@@ -20,6 +20,13 @@ pub struct Peer {
     pub trusted_proxy: bool,
 }
 
+/// One entry of `--forwarded-allow-ips`.
+enum Entry {
+    Any,
+    Net(IpAddr, u8),
+    Empty,
+}
+
 /// `--forwarded-allow-ips`: addresses and networks whose forwarding headers are believed.
 #[derive(Debug, Clone, Default)]
 pub struct TrustedProxies {
@@ -28,38 +35,50 @@ pub struct TrustedProxies {
 }
 
 impl TrustedProxies {
-    /// Parses gunicorn's list: `*`, addresses, or CIDR networks. Unparsable entries are errors.
+    /// Parses gunicorn's list: `*`, addresses, or CIDR networks; empty entries are skipped.
     ///
     /// # Errors
     /// An entry that is neither `*`, an IP address nor a network.
     pub fn parse(entries: &[String]) -> anyhow::Result<Self> {
         let mut out = Self::default();
         for entry in entries.iter().flat_map(|e| e.split(',')) {
-            let entry = entry.trim();
-            if entry.is_empty() {
-                continue;
+            match Self::entry(entry).map_err(|e| anyhow::anyhow!("--forwarded-allow-ips: {e}"))? {
+                Entry::Any => out.any = true,
+                Entry::Net(ip, bits) => out.nets.push((ip, bits)),
+                Entry::Empty => {}
             }
-            if entry == "*" {
-                out.any = true;
-                continue;
-            }
-            let (addr, bits) = match entry.split_once('/') {
-                Some((a, b)) => (a, Some(b)),
-                None => (entry, None),
-            };
-            let ip: IpAddr = addr.parse().map_err(|_| {
-                anyhow::anyhow!("--forwarded-allow-ips: {entry:?} is not an address")
-            })?;
-            let max = if ip.is_ipv4() { 32 } else { 128 };
-            let bits = match bits {
-                Some(b) => b.parse::<u8>().ok().filter(|b| *b <= max).ok_or_else(|| {
-                    anyhow::anyhow!("--forwarded-allow-ips: bad prefix in {entry:?}")
-                })?,
-                None => max,
-            };
-            out.nets.push((ip, bits));
         }
         Ok(out)
+    }
+
+    /// Checks one entry of the list (settings validate each with it); returns it trimmed.
+    ///
+    /// # Errors
+    /// What is wrong with the entry.
+    pub fn check_entry(entry: &str) -> Result<String, String> {
+        Self::entry(entry).map(|_| entry.trim().to_owned())
+    }
+
+    fn entry(entry: &str) -> Result<Entry, String> {
+        let entry = entry.trim();
+        if entry.is_empty() {
+            return Ok(Entry::Empty);
+        }
+        if entry == "*" {
+            return Ok(Entry::Any);
+        }
+        let (addr, bits) = match entry.split_once('/') {
+            Some((a, b)) => (a, Some(b)),
+            None => (entry, None),
+        };
+        let not = || format!("{entry} is not `*`, an IP address or a network (such as 10.0.0.0/8)");
+        let ip: IpAddr = addr.parse().map_err(|_| not())?;
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        let bits = match bits {
+            Some(b) => b.parse::<u8>().ok().filter(|b| *b <= max).ok_or_else(not)?,
+            None => max,
+        };
+        Ok(Entry::Net(ip, bits))
     }
 
     /// True when forwarding headers from `peer` are believed. Unix-socket peers are trusted, as

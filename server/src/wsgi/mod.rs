@@ -221,9 +221,9 @@ fn stream(
     response: &Bound<'_, StartResponse>,
 ) -> PyResult<()> {
     if let Ok(wrapper) = result.cast::<file_wrapper::FileWrapper>()
-        && let Some((fd, offset, len)) = wrapper.borrow().sendfile_source(py)
+        && let Some(source) = wrapper.borrow().sendfile_source(py)
     {
-        return response.borrow_mut().send_file(py, fd, offset, len);
+        return response.borrow_mut().send_file(py, &source);
     }
     if let Ok(list) = result.cast::<PyList>() {
         for item in list.iter() {

@@ -105,15 +105,13 @@ impl Output {
     pub fn send_file(
         &mut self,
         py: Python<'_>,
-        file: RawFd,
+        file: BorrowedFd<'_>,
         mut offset: i64,
         count: usize,
     ) -> io::Result<()> {
         self.drain(py)?;
         let mut left = count;
         let mut deadline = Instant::now() + self.write_timeout;
-        // SAFETY: the file descriptor belongs to the app's file object, open for this call.
-        let file = unsafe { BorrowedFd::borrow_raw(file) };
         while left > 0 {
             match nix::sys::sendfile::sendfile64(self.borrowed(), file, Some(&mut offset), left) {
                 Ok(0) => {
@@ -147,14 +145,16 @@ impl Output {
     }
 
     fn borrowed(&self) -> BorrowedFd<'_> {
-        // SAFETY: the connection owns the fd and outlives this Output.
+        // SAFETY: `fd` is the connection's socket; the connection owns it and is neither closed
+        // nor dropped while a request (and so this Output) is in progress on it.
         unsafe { BorrowedFd::borrow_raw(self.fd) }
     }
 }
 
 /// Blocks until `fd` is writable or `timeout` passes.
 fn wait_writable(fd: RawFd, timeout: Duration) -> io::Result<()> {
-    // SAFETY: see Output::borrowed.
+    // SAFETY: `fd` is an Output's socket (see Output::borrowed): open for the whole request,
+    // and the borrow ends with this call.
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
     let mut fds = [PollFd::new(borrowed, PollFlags::POLLOUT)];
     let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);

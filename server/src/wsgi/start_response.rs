@@ -1,11 +1,14 @@
 //! `start_response` and the `write()` callable it returns (PEP 3333), with the response state
 //! they share with the server: status, headers, framing and the output buffer.
 
+use std::os::fd::AsFd;
+
 use pyo3::exceptions::{PyAssertionError, PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 
 use crate::http::{DateCache, ResponsePlan, Version};
+use crate::wsgi::file_wrapper::SendfileSource;
 use crate::wsgi::output::Output;
 
 /// The response of one request as the app builds it.
@@ -102,18 +105,13 @@ impl StartResponse {
 
     /// Sends the rest of an open file (from `offset`) as body with sendfile(2), framed like
     /// any other body piece.
-    pub fn send_file(
-        &mut self,
-        py: Python<'_>,
-        file: i32,
-        offset: i64,
-        len: usize,
-    ) -> PyResult<()> {
+    pub fn send_file(&mut self, py: Python<'_>, source: &SendfileSource) -> PyResult<()> {
         self.send_head()?;
         let plan = self.plan.as_mut().expect("send_head set the plan");
-        let framed = plan.frame_body(len, &mut self.out.buf);
+        let framed = plan.frame_body(source.len, &mut self.out.buf);
         if framed.take > 0 {
-            self.out.send_file(py, file, offset, framed.take)?;
+            self.out
+                .send_file(py, source.file.as_fd(), source.offset, framed.take)?;
         }
         self.out.buf.extend_from_slice(framed.suffix);
         Ok(())

@@ -7,6 +7,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyList;
 
 use super::*;
+use crate::hooks::Hook;
 use crate::settings::load::setting_kinds;
 
 fn write_config(dir: &tempfile::TempDir, name: &str, body: &str) -> String {
@@ -100,31 +101,30 @@ fn realistic_config_file_settings_and_hooks() {
         "non-setting globals are ignored"
     );
     assert!(!values.contains_key("multiprocessing"));
-    for (name, _) in HOOKS {
+    for hook in Hook::ALL {
         assert!(
-            file.hooks.get(name).is_some(),
-            "hook {name} was not collected"
+            file.hooks.get(hook).is_some(),
+            "hook {hook:?} was not collected"
         );
     }
 
     Python::attach(|py| {
         let hooks = file.hooks.clone_ref(py);
-        let call = |hook: &Option<Py<PyAny>>, args: Vec<&str>| {
+        let call = |hook: Hook, args: Vec<&str>| {
             let args = pyo3::types::PyTuple::new(py, args).unwrap();
-            hook.as_ref().unwrap().call1(py, args).unwrap();
+            hooks.get(hook).unwrap().call1(py, args).unwrap();
         };
-        call(&hooks.on_starting, vec!["server"]);
-        call(&hooks.pre_fork, vec!["server", "worker-0"]);
+        call(Hook::OnStarting, vec!["server"]);
+        call(Hook::PreFork, vec!["server", "worker-0"]);
         // post_request is always called with four arguments; the file's two-argument
         // version is wrapped, as gunicorn does.
         call(
-            &hooks.post_request,
+            Hook::PostRequest,
             vec!["worker-0", "req", "environ", "resp"],
         );
-        call(&hooks.nworkers_changed, vec!["server", "3", "2"]);
+        call(Hook::NworkersChanged, vec!["server", "3", "2"]);
         let module_calls = hooks
-            .on_starting
-            .as_ref()
+            .get(Hook::OnStarting)
             .unwrap()
             .getattr(py, "__globals__")
             .unwrap()
@@ -166,11 +166,11 @@ fn post_request_with_three_or_four_arguments() {
     )
     .unwrap();
     Python::attach(|py| {
-        let hook = file.hooks.post_request.as_ref().unwrap();
+        let hook = file.hooks.get(Hook::PostRequest).unwrap();
         hook.call1(py, (1, 2, "env", 4)).unwrap();
     });
     let file = evaluate_body("def post_request(worker, req, environ, resp):\n    pass\n").unwrap();
-    assert!(file.hooks.post_request.is_some());
+    assert!(file.hooks.get(Hook::PostRequest).is_some());
     let error = evaluate_body("def post_request(worker):\n    pass\n").unwrap_err();
     assert!(error.to_string().contains("2 to 4"), "{error}");
 }
@@ -213,9 +213,9 @@ fn hooks_by_dotted_name_and_varargs() {
          class Hook:\n    def __call__(self, worker):\n        pass\nworker_int = Hook()\n",
     )
     .unwrap();
-    assert!(file.hooks.on_starting.is_some());
-    assert!(file.hooks.worker_exit.is_some());
-    assert!(file.hooks.worker_int.is_some());
+    assert!(file.hooks.get(Hook::OnStarting).is_some());
+    assert!(file.hooks.get(Hook::WorkerExit).is_some());
+    assert!(file.hooks.get(Hook::WorkerInt).is_some());
 }
 
 #[test]
@@ -268,29 +268,25 @@ fn python_module_form() {
 
 #[test]
 fn hook_table_matches_gunicorn() {
-    let names: Vec<&str> = HOOKS.iter().map(|(name, _)| *name).collect();
+    let table: Vec<(&str, usize)> = Hook::ALL.iter().map(|h| (h.name(), h.arity())).collect();
     assert_eq!(
-        names,
+        table,
         [
-            "on_starting",
-            "on_reload",
-            "when_ready",
-            "pre_fork",
-            "post_fork",
-            "post_worker_init",
-            "worker_int",
-            "worker_abort",
-            "pre_exec",
-            "pre_request",
-            "post_request",
-            "child_exit",
-            "worker_exit",
-            "nworkers_changed",
-            "on_exit",
+            ("on_starting", 1),
+            ("on_reload", 1),
+            ("when_ready", 1),
+            ("pre_fork", 2),
+            ("post_fork", 2),
+            ("post_worker_init", 1),
+            ("worker_int", 1),
+            ("worker_abort", 1),
+            ("pre_exec", 1),
+            ("pre_request", 2),
+            ("post_request", 4),
+            ("child_exit", 2),
+            ("worker_exit", 2),
+            ("nworkers_changed", 3),
+            ("on_exit", 1),
         ]
     );
-    let mut hooks = Hooks::default();
-    for name in names {
-        assert!(hooks.slot(name).is_some(), "{name} has no field");
-    }
 }

@@ -1,21 +1,14 @@
-//! Calls the server hooks of a gunicorn config file ([`Hooks`]) with gunicorn-shaped arguments.
+//! The Python objects hooks receive: gunicorn's arbiter (`server`), worker, request and
+//! response objects, and the logger they carry.
 //!
-//! gunicorn hands its hooks the arbiter (`server`) and worker objects; config files written for
-//! gunicorn read a few attributes of them (`server.pid`, `server.log.info(..)`,
-//! `server.cfg.workers`, `worker.pid`, `worker.age`, `worker.alive`) and sometimes store their
-//! own. [`ServerObject`] and [`WorkerObject`] are small Python classes with those attributes
-//! (plus `worker.slot`, the stable slot), and a `__dict__` for whatever a hook sets.
-//!
-//! Who calls what, and when (docs/SIGNALS.md has the table): the leader calls `on_starting`,
-//! `when_ready`, `pre_fork`, `child_exit`, `nworkers_changed`, `on_reload`, `pre_exec` and
-//! `on_exit`; a worker calls `post_fork`, `post_worker_init`, `pre_request`, `post_request`,
-//! `worker_int`, `worker_abort` and `worker_exit`. A hook that raises is logged with its
-//! traceback; what happens next is the caller's decision, mirroring gunicorn.
+//! Config files written for gunicorn read a few attributes of them (`server.pid`,
+//! `server.log.info(..)`, `server.cfg.workers`, `worker.pid`, `worker.age`, `worker.alive`)
+//! and sometimes store their own, so each has those attributes (plus `worker.slot`, the stable
+//! slot) and a `__dict__`.
 
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
-use crate::config_file::Hooks;
 use crate::settings::Settings;
 
 /// The `log` attribute of the server and worker objects: gunicorn's logger methods, writing
@@ -255,80 +248,6 @@ pub fn worker_object(
     )
 }
 
-/// A hook raised; it was logged with its traceback.
-#[derive(Debug)]
-pub struct HookFailed {
-    /// The hook's name.
-    pub name: &'static str,
-}
-
-impl std::fmt::Display for HookFailed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the {} hook raised an exception", self.name)
-    }
-}
-
-impl std::error::Error for HookFailed {}
-
-/// Calls hook `name` of `hooks` (when the config file defines it) with `args`.
-///
-/// # Errors
-/// The hook raised: the traceback is in the error log; the caller decides what follows.
-pub fn call<'py>(
-    py: Python<'py>,
-    hooks: &Hooks,
-    name: &'static str,
-    args: impl FnOnce() -> PyResult<Vec<Bound<'py, PyAny>>>,
-) -> Result<(), HookFailed> {
-    let Some(hook) = hooks.get(name) else {
-        return Ok(());
-    };
-    call_hook(py, hook, name, args)
-}
-
-/// Calls one hook callable with `args` (built only now), logging a raised exception.
-///
-/// # Errors
-/// The hook raised.
-pub fn call_hook<'py>(
-    py: Python<'py>,
-    hook: &Py<PyAny>,
-    name: &'static str,
-    args: impl FnOnce() -> PyResult<Vec<Bound<'py, PyAny>>>,
-) -> Result<(), HookFailed> {
-    let result = args().and_then(|args| {
-        let args = PyTuple::new(py, args)?;
-        hook.bind(py).call1(args)
-    });
-    match result {
-        Ok(_) => Ok(()),
-        Err(err) => {
-            log::error!(
-                "Exception in {name} hook:\n{}",
-                crate::config_file::traceback_text(py, &err)
-            );
-            Err(HookFailed { name })
-        }
-    }
-}
-
-/// A `Py<T>` as a bound `PyAny` argument.
-pub fn arg<'py, T>(py: Python<'py>, obj: &Py<T>) -> Bound<'py, PyAny> {
-    obj.bind(py).clone().into_any()
-}
-
-/// The request hooks a worker calls around every request, and its worker object. Built only
-/// when the config file defines `pre_request` or `post_request`, so the request path checks
-/// one `Option` and costs nothing more without them.
-pub struct RequestHooks {
-    /// The worker object passed as the first argument.
-    pub worker: Py<WorkerObject>,
-    /// `pre_request(worker, req)`.
-    pub pre_request: Option<Py<PyAny>>,
-    /// `post_request(worker, req, environ, resp)`.
-    pub post_request: Option<Py<PyAny>>,
-}
-
 /// gunicorn's `Request` as `pre_request`/`post_request` see it.
 #[pyclass(name = "Request", module = "forkscope.hooks", dict)]
 pub struct RequestObject {
@@ -435,27 +354,6 @@ mod tests {
                 render(&plain, &PyTuple::empty(py)).expect("render"),
                 "100% plain"
             );
-        });
-    }
-
-    #[test]
-    fn a_raising_hook_is_reported_not_propagated() {
-        Python::initialize();
-        Python::attach(|py| {
-            let hook = py
-                .eval(c"lambda server: 1 / 0", None, None)
-                .expect("lambda")
-                .unbind();
-            let err = call_hook(py, &hook, "on_starting", || {
-                Ok(vec![py.None().into_bound(py)])
-            })
-            .expect_err("raises");
-            assert_eq!(err.name, "on_starting");
-            let ok = py
-                .eval(c"lambda server: None", None, None)
-                .expect("lambda")
-                .unbind();
-            assert!(call_hook(py, &ok, "on_exit", || Ok(vec![py.None().into_bound(py)])).is_ok());
         });
     }
 }

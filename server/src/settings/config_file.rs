@@ -5,17 +5,17 @@
 //! are read:
 //!
 //! - a global named like a setting is type-checked here (bool, int, str, list of str) and
-//!   handed to [`crate::settings::load`], which validates it with the same clap parser as the
-//!   command line;
-//! - a global named like a server hook must be a callable with gunicorn's arity (or a
-//!   `"module.function"` string, as gunicorn allows) and lands in [`Hooks`];
+//!   handed to [`load`](mod@super::load), which validates it with the same clap parser as the command
+//!   line;
+//! - a global named like a server hook ([`Hook`]) must be a callable with gunicorn's arity (or
+//!   a `"module.function"` string, as gunicorn allows) and lands in [`Hooks`];
 //! - a gunicorn setting forkscope refuses is an error, unless its value is off (falsy) or
 //!   gunicorn's default, so gunicorn's own example config (`daemon = False`, `user = None`)
 //!   loads unchanged;
 //! - anything else (imports, helpers, private names) is ignored, as gunicorn ignores it.
 //!
-//! The caller has initialized Python and holds the GIL; this module needs nothing else from
-//! the rest of the server.
+//! The caller has initialized Python and holds the GIL. The settings' own names and kinds come
+//! in as an argument, so nothing here depends on how [`load`](mod@super::load) resolves them.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -23,138 +23,21 @@ use std::path::Path;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 
-use crate::settings::load::SettingKind;
-use crate::settings::unsupported;
+use super::unsupported;
+use crate::hooks::table::{Hook, Hooks};
+use crate::python::{exception_line, traceback_text};
 
-/// The server hooks a config file may define, with the number of positional arguments
-/// gunicorn passes to each.
-pub const HOOKS: &[(&str, usize)] = &[
-    ("on_starting", 1),
-    ("on_reload", 1),
-    ("when_ready", 1),
-    ("pre_fork", 2),
-    ("post_fork", 2),
-    ("post_worker_init", 1),
-    ("worker_int", 1),
-    ("worker_abort", 1),
-    ("pre_exec", 1),
-    ("pre_request", 2),
-    ("post_request", 4),
-    ("child_exit", 2),
-    ("worker_exit", 2),
-    ("nworkers_changed", 3),
-    ("on_exit", 1),
-];
-
-/// The hooks from a config file; `None` where the file defines none.
-///
-/// Arguments, as gunicorn passes them (`server` is the leader object, `worker` a worker
-/// object with pid, age and slot): `on_starting(server)`, `on_reload(server)`,
-/// `when_ready(server)`, `pre_fork(server, worker)`, `post_fork(server, worker)`,
-/// `post_worker_init(worker)`, `worker_int(worker)`, `worker_abort(worker)`,
-/// `pre_exec(server)`, `pre_request(worker, req)`, `post_request(worker, req, environ, resp)`
-/// (always call it with four: a file's two- or three-argument version is wrapped, as gunicorn
-/// does), `child_exit(server, worker)`, `worker_exit(server, worker)`,
-/// `nworkers_changed(server, new_value, old_value)`, `on_exit(server)`.
-#[derive(Debug, Default)]
-pub struct Hooks {
-    /// Called once, in the leader, before anything else starts.
-    pub on_starting: Option<Py<PyAny>>,
-    /// Called in the leader on HUP, before the workers are replaced.
-    pub on_reload: Option<Py<PyAny>>,
-    /// Called in the leader once the sockets are bound and workers are starting.
-    pub when_ready: Option<Py<PyAny>>,
-    /// Called in the leader just before a worker is forked.
-    pub pre_fork: Option<Py<PyAny>>,
-    /// Called in the new worker right after fork.
-    pub post_fork: Option<Py<PyAny>>,
-    /// Called in the worker after the application is loaded.
-    pub post_worker_init: Option<Py<PyAny>>,
-    /// Called in the worker on INT or QUIT.
-    pub worker_int: Option<Py<PyAny>>,
-    /// Called in the worker on ABRT (timeout).
-    pub worker_abort: Option<Py<PyAny>>,
-    /// Called in the leader just before it execs a new binary (USR2 upgrade).
-    pub pre_exec: Option<Py<PyAny>>,
-    /// Called in the worker before each request.
-    pub pre_request: Option<Py<PyAny>>,
-    /// Called in the worker after each request (always with 4 arguments, see above).
-    pub post_request: Option<Py<PyAny>>,
-    /// Called in the leader after a worker exited.
-    pub child_exit: Option<Py<PyAny>>,
-    /// Called in the worker as it exits.
-    pub worker_exit: Option<Py<PyAny>>,
-    /// Called in the leader when the number of workers changes.
-    pub nworkers_changed: Option<Py<PyAny>>,
-    /// Called in the leader just before it exits.
-    pub on_exit: Option<Py<PyAny>>,
-}
-
-impl Hooks {
-    /// A copy that shares the same Python callables.
-    pub fn clone_ref(&self, py: Python<'_>) -> Hooks {
-        let copy = |hook: &Option<Py<PyAny>>| hook.as_ref().map(|h| h.clone_ref(py));
-        Hooks {
-            on_starting: copy(&self.on_starting),
-            on_reload: copy(&self.on_reload),
-            when_ready: copy(&self.when_ready),
-            pre_fork: copy(&self.pre_fork),
-            post_fork: copy(&self.post_fork),
-            post_worker_init: copy(&self.post_worker_init),
-            worker_int: copy(&self.worker_int),
-            worker_abort: copy(&self.worker_abort),
-            pre_exec: copy(&self.pre_exec),
-            pre_request: copy(&self.pre_request),
-            post_request: copy(&self.post_request),
-            child_exit: copy(&self.child_exit),
-            worker_exit: copy(&self.worker_exit),
-            nworkers_changed: copy(&self.nworkers_changed),
-            on_exit: copy(&self.on_exit),
-        }
-    }
-
-    /// The hook stored under gunicorn's name `name`.
-    pub fn get(&self, name: &str) -> Option<&Py<PyAny>> {
-        match name {
-            "on_starting" => self.on_starting.as_ref(),
-            "on_reload" => self.on_reload.as_ref(),
-            "when_ready" => self.when_ready.as_ref(),
-            "pre_fork" => self.pre_fork.as_ref(),
-            "post_fork" => self.post_fork.as_ref(),
-            "post_worker_init" => self.post_worker_init.as_ref(),
-            "worker_int" => self.worker_int.as_ref(),
-            "worker_abort" => self.worker_abort.as_ref(),
-            "pre_exec" => self.pre_exec.as_ref(),
-            "pre_request" => self.pre_request.as_ref(),
-            "post_request" => self.post_request.as_ref(),
-            "child_exit" => self.child_exit.as_ref(),
-            "worker_exit" => self.worker_exit.as_ref(),
-            "nworkers_changed" => self.nworkers_changed.as_ref(),
-            "on_exit" => self.on_exit.as_ref(),
-            _ => None,
-        }
-    }
-
-    fn slot(&mut self, name: &str) -> Option<&mut Option<Py<PyAny>>> {
-        Some(match name {
-            "on_starting" => &mut self.on_starting,
-            "on_reload" => &mut self.on_reload,
-            "when_ready" => &mut self.when_ready,
-            "pre_fork" => &mut self.pre_fork,
-            "post_fork" => &mut self.post_fork,
-            "post_worker_init" => &mut self.post_worker_init,
-            "worker_int" => &mut self.worker_int,
-            "worker_abort" => &mut self.worker_abort,
-            "pre_exec" => &mut self.pre_exec,
-            "pre_request" => &mut self.pre_request,
-            "post_request" => &mut self.post_request,
-            "child_exit" => &mut self.child_exit,
-            "worker_exit" => &mut self.worker_exit,
-            "nworkers_changed" => &mut self.nworkers_changed,
-            "on_exit" => &mut self.on_exit,
-            _ => return None,
-        })
-    }
+/// What a setting's value looks like, for type-checking config-file globals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettingKind {
+    /// A switch (`--preload`): a Python `bool`.
+    Flag,
+    /// A repeatable or comma-separated value (`bind`): a `str` or a list of `str`.
+    List,
+    /// A number (`workers`): a Python `int` (or a `str` of digits, as gunicorn accepts).
+    Int,
+    /// Text or a path (`errorlog`): a Python `str`.
+    Text,
 }
 
 /// A setting's value as the config file gave it, type-checked but not yet validated.
@@ -272,7 +155,7 @@ def equals_literal(value, literal):
 /// Runs the config file at `location` and reads its settings and hooks.
 ///
 /// `kinds` maps every setting name a config file may set to its kind
-/// ([`crate::settings::load::setting_kinds`]).
+/// ([`super::load::setting_kinds`]).
 ///
 /// # Errors
 ///
@@ -318,12 +201,9 @@ pub fn evaluate(
         if name.starts_with('_') {
             continue;
         }
-        if let Some(&(_, arity)) = HOOKS.iter().find(|(hook, _)| *hook == name) {
-            let hook = check_hook(&helpers, location, &name, arity, &value)?;
-            *file
-                .hooks
-                .slot(&name)
-                .expect("HOOKS and Hooks list the same names") = Some(hook);
+        if let Some(hook) = Hook::from_name(&name) {
+            let callable = check_hook(&helpers, location, hook, &value)?;
+            file.hooks.set(hook, callable);
         } else if let Some(kind) = kinds.get(&name) {
             let value = convert(location, &name, *kind, &value)?;
             file.values.push((name, value));
@@ -359,24 +239,28 @@ fn is_harmless(
 fn check_hook(
     helpers: &Bound<'_, PyModule>,
     location: &str,
-    name: &str,
-    arity: usize,
+    hook: Hook,
     value: &Bound<'_, PyAny>,
 ) -> Result<Py<PyAny>, ConfigError> {
     let py = helpers.py();
+    let arity = hook.arity();
+    let post_request = hook == Hook::PostRequest;
     let bad = |problem: String| ConfigError::BadHook {
         location: location.to_owned(),
-        name: name.to_owned(),
+        name: hook.name().to_owned(),
         problem,
     };
-    let hook = helpers
+    let callable = helpers
         .call_method1("resolve", (value,))
         .map_err(|err| bad(format!("cannot be resolved: {}", exception_line(py, &err))))?;
-    if !hook.is_callable() {
-        return Err(bad(format!("must be callable, not {}", describe(&hook))));
+    if !callable.is_callable() {
+        return Err(bad(format!(
+            "must be callable, not {}",
+            describe(&callable)
+        )));
     }
     let (count, varargs): (usize, bool) = helpers
-        .call_method1("arity", (&hook,))
+        .call_method1("arity", (&callable,))
         .and_then(|result| result.extract())
         .map_err(|err| {
             bad(format!(
@@ -384,13 +268,13 @@ fn check_hook(
                 exception_line(py, &err)
             ))
         })?;
-    let accepted = if name == "post_request" {
+    let accepted = if post_request {
         (2..=4).contains(&count) || (varargs && count <= 4)
     } else {
         count == arity || (varargs && count <= arity)
     };
     if !accepted {
-        let expected = if name == "post_request" {
+        let expected = if post_request {
             "2 to 4 (worker, req, environ, resp)".to_owned()
         } else {
             arity.to_string()
@@ -399,14 +283,14 @@ fn check_hook(
             "must take {expected} positional argument(s), but takes {count}"
         )));
     }
-    let hook = if name == "post_request" && !varargs {
+    let callable = if post_request && !varargs {
         helpers
-            .call_method1("wrap_post_request", (&hook, count))
+            .call_method1("wrap_post_request", (&callable, count))
             .map_err(|err| bad(format!("cannot be wrapped: {}", exception_line(py, &err))))?
     } else {
-        hook
+        callable
     };
-    Ok(hook.unbind())
+    Ok(callable.unbind())
 }
 
 /// Type-checks a setting's Python value and spells it the way the command line would.
@@ -519,31 +403,6 @@ fn raised(py: Python<'_>, location: &str, err: &PyErr) -> ConfigError {
         location: location.to_owned(),
         traceback: traceback_text(py, err),
     }
-}
-
-/// Python's formatted traceback of `err`, or its one-line form when formatting fails.
-pub fn traceback_text(py: Python<'_>, err: &PyErr) -> String {
-    let formatted = py.import("traceback").and_then(|module| {
-        module
-            .call_method1(
-                "format_exception",
-                (err.get_type(py), err.value(py), err.traceback(py)),
-            )
-            .and_then(|lines| lines.extract::<Vec<String>>())
-    });
-    match formatted {
-        Ok(lines) => lines.concat().trim_end().to_owned(),
-        Err(_) => exception_line(py, err),
-    }
-}
-
-fn exception_line(py: Python<'_>, err: &PyErr) -> String {
-    let type_name = err
-        .get_type(py)
-        .name()
-        .map(|n| n.to_string())
-        .unwrap_or_else(|_| "Exception".to_owned());
-    format!("{type_name}: {}", err.value(py))
 }
 
 #[cfg(test)]
