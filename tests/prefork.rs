@@ -1,9 +1,12 @@
 //! The pre-fork model on real processes: titles and stable slots, respawn, preload, threads,
 //! clean stops and boot failures.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::time::Duration;
 
-use forkscope_tests::{ServerBuilder, procs, request, wait_for};
+use forkscope_tests::client::parse_one;
+use forkscope_tests::{Held, ServerBuilder, procs, request, wait_for};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -91,17 +94,35 @@ fn preload_imports_once_in_the_leader_and_gc_freezes() {
     assert_eq!(pids, workers, "without preload each worker imports the app");
 }
 
+/// With --threads, requests run at once in one worker, also from clients that connected while
+/// only one thread was free: that thread took both, and before it runs one request the other
+/// client's connection goes to the thread that is free by then.
 #[test]
 fn threads_run_requests_concurrently_in_one_worker() {
     let s = ServerBuilder::new("app:app")
         .args(&["--threads", "2"])
         .start();
     let addr = s.addr;
-    let handles: Vec<_> = (0..2)
-        .map(|_| std::thread::spawn(move || request(addr, "GET", "/barrier?n=2&t=8", &[], b"")))
+    let held = Held::start(addr);
+    // The other thread accepts both new clients (the busy one cannot).
+    let mut clients: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(addr).expect("connect"))
         .collect();
-    for h in handles {
-        let r = h.join().expect("thread");
+    wait_for("both clients accepted", Duration::from_secs(30), || {
+        (procs::accept_queue(addr.port()) == Some(0)).then_some(())
+    });
+    assert_eq!(held.release().text(), "released");
+    // Both threads are free now; the barrier opens only with both requests inside the app.
+    for c in &mut clients {
+        c.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        c.write_all(b"GET /barrier?n=2&t=30 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .expect("write");
+    }
+    for mut c in clients {
+        let mut out = Vec::new();
+        c.read_to_end(&mut out).expect("read");
+        let (r, _) = parse_one(&out, false).expect("response");
         assert_eq!(r.text(), "met", "both requests were in the app at once");
     }
     let env: serde_json::Value =
