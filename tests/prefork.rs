@@ -6,7 +6,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use forkscope_tests::client::parse_one;
-use forkscope_tests::{Held, ServerBuilder, procs, request, wait_for};
+use forkscope_tests::{Held, Server, ServerBuilder, procs, request, wait_for};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -58,7 +58,7 @@ fn a_killed_worker_is_replaced_in_the_same_slot() {
 }
 
 #[test]
-fn preload_imports_once_in_the_leader_and_gc_freezes() {
+fn preload_imports_once_in_the_leader() {
     let dir = tempfile::tempdir().expect("tempdir");
     let imports = dir.path().join("imports");
     let s = ServerBuilder::new("counted:app")
@@ -92,6 +92,63 @@ fn preload_imports_once_in_the_leader_and_gc_freezes() {
     let mut workers: Vec<i32> = s.workers().into_iter().map(|(_, p)| p).collect();
     workers.sort_unstable();
     assert_eq!(pids, workers, "without preload each worker imports the app");
+}
+
+/// The collector's state in the worker that served a request to tests/apps/frozen.py.
+fn gc_state(s: &Server) -> serde_json::Value {
+    let r = request(s.addr, "GET", "/", &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    serde_json::from_slice(&r.body).expect("json")
+}
+
+/// Serves tests/apps/frozen.py under --preload with `args`; checks what a worker sees, then
+/// reloads (HUP re-imports the app in the leader) and checks a worker of the new generation.
+fn check_gc_freeze(args: &[&str], frozen: bool) {
+    let s = ServerBuilder::new("frozen:app")
+        .args(&["--preload"])
+        .args(args)
+        .start();
+    let check = |state: &serde_json::Value, when: &str| {
+        let count = state["freeze_count"].as_u64().expect("freeze count");
+        if frozen {
+            assert!(count > 0, "{when}: nothing frozen in the worker: {state}");
+        } else {
+            assert_eq!(count, 0, "{when}: frozen although switched off: {state}");
+        }
+        assert_eq!(
+            state["gc_enabled"], true,
+            "{when}: the collector runs in workers: {state}"
+        );
+    };
+    let before = gc_state(&s);
+    check(&before, "after start");
+    s.signal(Signal::SIGHUP);
+    let after = wait_for(
+        "a worker with the re-imported app",
+        Duration::from_secs(60),
+        || {
+            let state = gc_state(&s);
+            (state["import_id"] != before["import_id"]).then_some(state)
+        },
+    );
+    check(&after, "after HUP");
+    assert_eq!(
+        after["frozen_at_import"], 0,
+        "the old app is unfrozen before the re-import: {after}"
+    );
+}
+
+/// `--preload` imports the app in the leader and freezes it (gc.freeze) before forking, so the
+/// workers' collector leaves the shared pages alone; a HUP re-import freezes the new app.
+#[test]
+fn preload_gc_freezes_the_app_for_the_workers_and_again_after_hup() {
+    check_gc_freeze(&[], true);
+}
+
+/// `--no-gc-freeze` leaves the preloaded app unfrozen, before and after a reload.
+#[test]
+fn no_gc_freeze_leaves_the_preloaded_app_unfrozen() {
+    check_gc_freeze(&["--no-gc-freeze"], false);
 }
 
 /// With --threads, requests run at once in one worker, also from clients that connected while
