@@ -540,6 +540,99 @@ fn term_lets_a_slow_request_in_flight_finish() {
     assert_eq!(s.wait_exit(Duration::from_secs(60)), Some(0));
 }
 
+/// Serves lc_app with an hour of --graceful-timeout and one request in flight that would run
+/// for an hour: only a quick stop ends such a server within the tests' waits.
+fn server_with_a_request_in_flight(
+    dir: &Path,
+) -> (Server, Vec<i32>, JoinHandle<Result<String, String>>) {
+    let s = ServerBuilder::new("lc_app:app")
+        .chdir(dir)
+        .workers(2)
+        .args(&["--graceful-timeout", "3600"])
+        .start();
+    let workers = pids(&s);
+    let marker = dir.join("in-flight");
+    let addr = s.addr;
+    let q = format!("/slow?s=3600&marker={}", path_str(&marker));
+    let slow = std::thread::spawn(move || get(addr, &q));
+    wait_for("the request in the app", Duration::from_secs(30), || {
+        marker.exists().then_some(())
+    });
+    (s, workers, slow)
+}
+
+/// After a quick stop: the leader exited with 0, every worker is gone, the request in flight
+/// was cut (not answered).
+fn assert_stopped_quickly(
+    mut s: Server,
+    workers: &[i32],
+    slow: JoinHandle<Result<String, String>>,
+) {
+    assert_eq!(s.wait_exit(Duration::from_secs(60)), Some(0));
+    for w in workers {
+        wait_for("the workers to exit", Duration::from_secs(30), || {
+            (!procs::alive(*w)).then_some(())
+        });
+    }
+    let answer = slow.join().expect("client");
+    assert!(answer.is_err(), "the request in flight was cut: {answer:?}");
+}
+
+/// INT and QUIT stop the server at once (gunicorn's quick shutdown): the workers exit without
+/// finishing the request in flight.
+#[test]
+fn int_and_quit_stop_at_once() {
+    for sig in [Signal::SIGINT, Signal::SIGQUIT] {
+        let dir = app_dir("quick");
+        let (s, workers, slow) = server_with_a_request_in_flight(dir.path());
+        s.signal(sig);
+        assert_stopped_quickly(s, &workers, slow);
+    }
+}
+
+/// A second INT during a graceful stop (TERM) makes it quick.
+#[test]
+fn int_during_a_graceful_stop_makes_it_quick() {
+    let dir = app_dir("graceful-then-quick");
+    let (mut s, workers, slow) = server_with_a_request_in_flight(dir.path());
+    s.signal(Signal::SIGTERM);
+    s.wait_log("Handling signal: term", Duration::from_secs(30));
+    // The graceful stop waits for the request (an hour).
+    s.assert_running();
+    assert!(
+        !slow.is_finished(),
+        "the graceful stop waits for the request"
+    );
+    s.signal(Signal::SIGINT);
+    assert_stopped_quickly(s, &workers, slow);
+}
+
+/// A leader killed outright (SIGKILL, the OOM killer) takes its workers with it: they stop
+/// instead of serving on as orphans.
+#[test]
+fn workers_stop_when_the_leader_is_killed() {
+    let mut s = ServerBuilder::new("app:app").workers(2).start();
+    let workers = pids(&s);
+    assert_eq!(workers.len(), 2);
+    s.signal(Signal::SIGKILL);
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(30)),
+        None,
+        "killed by a signal"
+    );
+    for w in &workers {
+        wait_for(
+            "the orphaned workers to exit",
+            Duration::from_secs(60),
+            || (!procs::alive(*w)).then_some(()),
+        );
+    }
+    assert!(
+        TcpStream::connect(s.addr).is_err(),
+        "nothing serves on the port any more"
+    );
+}
+
 #[test]
 fn usr1_after_moving_the_log_file_writes_a_new_file() {
     let dir = app_dir("rotated");
