@@ -462,6 +462,9 @@ fn winch_stops_the_workers_and_keeps_the_leader() {
     assert_eq!(get(s.addr, "/").as_deref(), Ok("winch"));
 }
 
+/// A request hung far longer than --timeout: the leader aborts its worker, the stacks go to
+/// the log, worker_abort runs and a fresh worker takes the slot. (Under --preload a worker's
+/// boot is a fork, so a busy machine cannot make a boot itself run into the short timeout.)
 #[test]
 fn a_hung_request_yields_its_traceback_in_the_log_and_a_fresh_worker() {
     let dir = app_dir("hung");
@@ -477,20 +480,22 @@ fn a_hung_request_yields_its_traceback_in_the_log_and_a_fresh_worker() {
     .expect("conf");
     let s = ServerBuilder::new("lc_app:app")
         .chdir(dir.path())
-        .args(&["-c", path_str(&conf), "--timeout", "3"])
+        .args(&["-c", path_str(&conf), "--timeout", "3", "--preload"])
         .start();
-    // Served means booted (a slow boot under load is itself subject to --timeout).
-    let victim: i32 = get(s.addr, "/pid").expect("pid").parse().expect("pid");
+    let marker = dir.path().join("in-flight");
+    let addr = s.addr;
+    let q = format!("/slow?s=600&marker={}", path_str(&marker));
+    let hung = std::thread::spawn(move || get(addr, &q));
+    // The worker that runs the hung request wrote its PID.
+    let victim: i32 = wait_for("the request in the app", Duration::from_secs(60), || {
+        std::fs::read_to_string(&marker).ok()?.parse().ok()
+    });
     let slot = s
         .workers()
         .into_iter()
         .find(|(_, p)| *p == victim)
         .expect("the worker")
         .0;
-    let marker = dir.path().join("in-flight");
-    let addr = s.addr;
-    let q = format!("/slow?s=120&marker={}", path_str(&marker));
-    let hung = std::thread::spawn(move || get(addr, &q));
     s.wait_log(
         &format!("WORKER TIMEOUT (pid:{victim})"),
         Duration::from_secs(60),
@@ -516,7 +521,10 @@ fn a_hung_request_yields_its_traceback_in_the_log_and_a_fresh_worker() {
     let abort = wait_for("the worker_abort hook", Duration::from_secs(30), || {
         std::fs::read_to_string(&record).ok()
     });
-    assert_eq!(abort.trim(), format!("{victim} {slot}"));
+    assert!(
+        abort.lines().any(|l| l == format!("{victim} {slot}")),
+        "worker_abort ran in the hung worker: {abort:?}"
+    );
     assert_eq!(get(s.addr, "/").as_deref(), Ok("hung"));
 }
 
@@ -1139,12 +1147,17 @@ fn hup_with_new_workers_that_cannot_boot_keeps_the_old_workers_serving() {
     load.finish("HUP with a broken, then a fixed app");
 }
 
+/// A new worker whose import hangs during a reload is aborted at --timeout with its stack while
+/// the old worker serves on. The first workers boot under a long timeout (a busy machine may
+/// slow a boot down by seconds); the reload brings the short one with the hanging import.
 #[test]
 fn a_new_worker_stuck_in_its_import_during_a_reload_times_out_with_its_stack() {
     let dir = app_dir("before-the-hang");
+    let conf = dir.path().join("gunicorn.conf.py");
+    std::fs::write(&conf, "timeout = 120\n").expect("conf");
     let s = ServerBuilder::new("lc_app:app")
         .chdir(dir.path())
-        .args(&["--timeout", "3"])
+        .args(&["-c", path_str(&conf)])
         .start();
     let old: i32 = get(s.addr, "/pid").expect("pid").parse().expect("pid");
     std::fs::write(
@@ -1153,6 +1166,7 @@ fn a_new_worker_stuck_in_its_import_during_a_reload_times_out_with_its_stack() {
          connect_to_a_database_that_never_answers()\n",
     )
     .expect("app");
+    std::fs::write(&conf, "timeout = 3\n").expect("conf");
     s.signal(Signal::SIGHUP);
     s.wait_log("WORKER TIMEOUT", Duration::from_secs(60));
     wait_for("the import's stack", Duration::from_secs(30), || {
