@@ -479,6 +479,43 @@ async fn finished_sessions_are_kept_in_bounded_number() {
     );
 }
 
+/// `--retention`: a finished session is listed, then dropped once older than the retention
+/// (from the list and by id), while a newer one stays.
+#[tokio::test]
+async fn finished_sessions_are_dropped_after_the_retention() {
+    let server = leaky(1);
+    let sidecar = Sidecar::start(&server.runtime, &["--retention", "4"]);
+    let client = sidecar.client();
+    let listed = |client: &Client| {
+        let client = client.clone();
+        async move {
+            let list = client.profiles().await.expect("list").sessions;
+            list.into_iter().map(|s| s.id).collect::<Vec<_>>()
+        }
+    };
+    let old = client.start_profile(&stacks(&server)).await.expect("start");
+    assert_eq!(
+        wait_final(&client, &old.id).await.state,
+        SessionState::Completed
+    );
+    assert_eq!(listed(&client).await, vec![old.id.clone()], "kept at first");
+    eventually(
+        "the session to be dropped",
+        Duration::from_secs(60),
+        || async { listed(&client).await.is_empty().then_some(()) },
+    )
+    .await;
+    let gone = client.profile(&old.id).await.expect_err("dropped");
+    assert_eq!(gone.status(), Some(StatusCode::NOT_FOUND));
+    let new = client.start_profile(&stacks(&server)).await.expect("start");
+    wait_final(&client, &new.id).await;
+    assert_eq!(
+        listed(&client).await,
+        vec![new.id],
+        "a newer session is kept"
+    );
+}
+
 #[tokio::test]
 async fn top_pss_picks_the_worker_that_grew() {
     let server = leaky(2);
