@@ -5,7 +5,9 @@
 //! connections and slow clients cost nothing, and runs each complete request inline: the
 //! thread that parsed a request calls the app, with no hand-off between threads (a hand-off
 //! per request cost more than a hello-world request itself). A thread busy in a long request
-//! does not accept, so new clients go to the others; its own keep-alive clients wait for it.
+//! does not accept, so new clients go to the others; clients it accepted that have not sent a
+//! request yet are handed to the others when it starts one; its own keep-alive clients wait
+//! for it.
 //! The main thread's loop also watches CPython's signal wakeup fd.
 //!
 //! Every loop beats the leader's heartbeat on each turn, unless some request has been running
