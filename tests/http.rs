@@ -5,8 +5,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use forkscope_tests::client::{parse_one, parse_responses};
-use forkscope_tests::{ServerBuilder, request, send_raw};
+use forkscope_tests::client::{parse_one, parse_responses, read_response};
+use forkscope_tests::{Held, ServerBuilder, request, send_raw};
 
 fn status_of(raw: &[u8]) -> u16 {
     parse_one(raw, false).map_or(0, |(r, _)| r.status)
@@ -39,7 +39,11 @@ fn keep_alive_and_pipelined_requests_are_answered_in_order() {
 
 #[test]
 fn http_1_0_closes_unless_keep_alive_is_asked() {
-    let s = ServerBuilder::new("app:app").start();
+    // Idle connections live longer than send_raw waits for a close: only the server's closing
+    // of an HTTP/1.0 connection after its response ends the reads below.
+    let s = ServerBuilder::new("app:app")
+        .args(&["--keep-alive", "120"])
+        .start();
     let out = send_raw(s.addr, b"GET / HTTP/1.0\r\n\r\n");
     let (r, _) = parse_one(&out, false).expect("response");
     assert_eq!(r.text(), "Hello, World!");
@@ -174,6 +178,30 @@ fn a_trickling_client_does_not_block_others() {
     let n = slow.read(&mut buf).expect("read");
     let (r, _) = parse_one(&buf[..n], false).expect("response");
     assert_eq!(r.text(), "abcdefghij");
+}
+
+/// A request that arrives on a kept-alive connection while the worker runs a long request is
+/// answered once the worker is free, however long the connection then looked idle.
+#[test]
+fn a_request_sent_while_the_worker_is_busy_is_answered() {
+    let s = ServerBuilder::new("app:app")
+        .args(&["--keep-alive", "1"])
+        .start();
+    let mut kept = TcpStream::connect(s.addr).expect("connect");
+    kept.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let ask = |c: &mut TcpStream| {
+        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("write");
+        read_response(c)
+    };
+    assert_eq!(ask(&mut kept).status, 200);
+    let held = Held::start(s.addr);
+    let asked = std::thread::spawn(move || ask(&mut kept));
+    // The worker stays busy for longer than --keep-alive (what is tested is that time).
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(held.release().text(), "released");
+    assert_eq!(asked.join().expect("the kept-alive client").status, 200);
 }
 
 #[test]

@@ -1,9 +1,12 @@
 //! The pre-fork model on real processes: titles and stable slots, respawn, preload, threads,
 //! clean stops and boot failures.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::time::Duration;
 
-use forkscope_tests::{ServerBuilder, procs, request, wait_for};
+use forkscope_tests::client::parse_one;
+use forkscope_tests::{Held, Server, ServerBuilder, procs, request, wait_for};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -55,7 +58,7 @@ fn a_killed_worker_is_replaced_in_the_same_slot() {
 }
 
 #[test]
-fn preload_imports_once_in_the_leader_and_gc_freezes() {
+fn preload_imports_once_in_the_leader() {
     let dir = tempfile::tempdir().expect("tempdir");
     let imports = dir.path().join("imports");
     let s = ServerBuilder::new("counted:app")
@@ -91,17 +94,92 @@ fn preload_imports_once_in_the_leader_and_gc_freezes() {
     assert_eq!(pids, workers, "without preload each worker imports the app");
 }
 
+/// The collector's state in the worker that served a request to tests/apps/frozen.py.
+fn gc_state(s: &Server) -> serde_json::Value {
+    let r = request(s.addr, "GET", "/", &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    serde_json::from_slice(&r.body).expect("json")
+}
+
+/// Serves tests/apps/frozen.py under --preload with `args`; checks what a worker sees, then
+/// reloads (HUP re-imports the app in the leader) and checks a worker of the new generation.
+fn check_gc_freeze(args: &[&str], frozen: bool) {
+    let s = ServerBuilder::new("frozen:app")
+        .args(&["--preload"])
+        .args(args)
+        .start();
+    let check = |state: &serde_json::Value, when: &str| {
+        let count = state["freeze_count"].as_u64().expect("freeze count");
+        if frozen {
+            assert!(count > 0, "{when}: nothing frozen in the worker: {state}");
+        } else {
+            assert_eq!(count, 0, "{when}: frozen although switched off: {state}");
+        }
+        assert_eq!(
+            state["gc_enabled"], true,
+            "{when}: the collector runs in workers: {state}"
+        );
+    };
+    let before = gc_state(&s);
+    check(&before, "after start");
+    s.signal(Signal::SIGHUP);
+    let after = wait_for(
+        "a worker with the re-imported app",
+        Duration::from_secs(60),
+        || {
+            let state = gc_state(&s);
+            (state["import_id"] != before["import_id"]).then_some(state)
+        },
+    );
+    check(&after, "after HUP");
+    assert_eq!(
+        after["frozen_at_import"], 0,
+        "the old app is unfrozen before the re-import: {after}"
+    );
+}
+
+/// `--preload` imports the app in the leader and freezes it (gc.freeze) before forking, so the
+/// workers' collector leaves the shared pages alone; a HUP re-import freezes the new app.
+#[test]
+fn preload_gc_freezes_the_app_for_the_workers_and_again_after_hup() {
+    check_gc_freeze(&[], true);
+}
+
+/// `--no-gc-freeze` leaves the preloaded app unfrozen, before and after a reload.
+#[test]
+fn no_gc_freeze_leaves_the_preloaded_app_unfrozen() {
+    check_gc_freeze(&["--no-gc-freeze"], false);
+}
+
+/// With --threads, requests run at once in one worker, also from clients that connected while
+/// only one thread was free: that thread took both, and before it runs one request the other
+/// client's connection goes to the thread that is free by then.
 #[test]
 fn threads_run_requests_concurrently_in_one_worker() {
     let s = ServerBuilder::new("app:app")
         .args(&["--threads", "2"])
         .start();
     let addr = s.addr;
-    let handles: Vec<_> = (0..2)
-        .map(|_| std::thread::spawn(move || request(addr, "GET", "/barrier?n=2&t=8", &[], b"")))
+    let held = Held::start(addr);
+    // The other thread accepts both new clients (the busy one cannot).
+    let mut clients: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(addr).expect("connect"))
         .collect();
-    for h in handles {
-        let r = h.join().expect("thread");
+    wait_for("both clients accepted", Duration::from_secs(30), || {
+        (procs::accept_queue(addr.port()) == Some(0)).then_some(())
+    });
+    assert_eq!(held.release().text(), "released");
+    // Both threads are free now; the barrier opens only with both requests inside the app.
+    for c in &mut clients {
+        c.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        c.write_all(b"GET /barrier?n=2&t=30 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .expect("write");
+    }
+    for mut c in clients {
+        let mut out = Vec::new();
+        c.read_to_end(&mut out).expect("read");
+        let (r, _) = parse_one(&out, false).expect("response");
         assert_eq!(r.text(), "met", "both requests were in the app at once");
     }
     let env: serde_json::Value =

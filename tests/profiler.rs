@@ -510,9 +510,10 @@ fn profiler_worker_exit_while_tracing() {
 }
 
 /// docs/profile-result.schema.json and docs/profile-command.schema.json are generated from the
-/// protocol types; set FORKSCOPE_UPDATE_DOCS=1 to rewrite them.
+/// protocol types; set FORKSCOPE_UPDATE_DOCS=1 to rewrite them (any other value compares).
 #[test]
 fn profiler_documented_schemas_are_current() {
+    let update = std::env::var_os("FORKSCOPE_UPDATE_DOCS").is_some_and(|v| v == "1");
     let docs = forkscope_tests::repo_root().join("docs");
     let expected = [
         (
@@ -527,7 +528,7 @@ fn profiler_documented_schemas_are_current() {
     for (name, schema) in expected {
         let path = docs.join(name);
         let text = serde_json::to_string_pretty(&schema).expect("schema serializes") + "\n";
-        if std::env::var_os("FORKSCOPE_UPDATE_DOCS").is_some() {
+        if update {
             std::fs::write(&path, &text).expect("write schema");
         }
         let on_disk = std::fs::read_to_string(&path).unwrap_or_default();

@@ -9,4 +9,5 @@ mod lifecycle;
 mod options;
 mod prefork;
 mod profiler;
+mod readme;
 mod wsgi;

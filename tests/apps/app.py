@@ -107,6 +107,17 @@ def app(environ, start_response):
             status, body = "504 Gateway Timeout", b"alone"
         start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
         return [body]
+    if path == "/hold":
+        # Writes `marker`, then stays in the app until the file `release` exists (at most `t`
+        # seconds): the test knows the request is inside the app and ends it when it chooses.
+        with open(q["marker"], "w") as f:
+            f.write(str(os.getpid()))
+        deadline = time.monotonic() + float(q.get("t", "60"))
+        while not os.path.exists(q["release"]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        body = b"released"
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]
     if path == "/osenv":
         body = os.environ.get(q.get("k", ""), "<unset>").encode()
         start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
@@ -160,9 +171,8 @@ _barriers = {}
 
 
 def _barrier(n):
-    if n not in _barriers:
-        _barriers[n] = threading.Barrier(n)
-    return _barriers[n]
+    # setdefault is one step under the GIL: requests arriving together share one barrier.
+    return _barriers.setdefault(n, threading.Barrier(n))
 
 
 def create_app(greeting="hi"):

@@ -1,7 +1,7 @@
 //! A deliberately small HTTP/1.1 client for tests: raw bytes out, parsed responses in, so tests
 //! can send malformed requests and check exactly what came back.
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
@@ -31,18 +31,59 @@ impl Response {
     }
 }
 
-/// Sends `raw` on a new connection and reads until the server closes it (or 10 s pass).
+/// Sends `raw` on a new connection and returns every byte the server sent until it closed the
+/// connection (an orderly close or a reset: the server may reset a connection whose request it
+/// rejected before reading all of it).
 ///
 /// # Panics
-/// When the connection cannot be made.
+/// When the connection cannot be made, when the server keeps it open for 30 s without sending
+/// anything more, or when the write fails and nothing came back.
 pub fn send_raw(addr: SocketAddr, raw: &[u8]) -> Vec<u8> {
     let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
+    s.set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
-    let _ = s.write_all(raw);
+    let written = s.write_all(raw);
     let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
+            Err(e) => panic!(
+                "the server did not close the connection ({e}) after sending {:?}",
+                String::from_utf8_lossy(&out)
+            ),
+        }
+    }
+    if let Err(e) = written {
+        assert!(!out.is_empty(), "write failed ({e}) and nothing came back");
+    }
     out
+}
+
+/// Reads one response from a connection that stays open (keep-alive), not past its end.
+///
+/// # Panics
+/// When the connection ends or fails before a whole response came.
+pub fn read_response(conn: &mut impl Read) -> Response {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some((r, _)) = parse_one(&buf, false) {
+            return r;
+        }
+        match conn.read(&mut chunk) {
+            Ok(0) => panic!(
+                "the connection ended after {:?}",
+                String::from_utf8_lossy(&buf)
+            ),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => panic!("read: {e} after {:?}", String::from_utf8_lossy(&buf)),
+        }
+    }
 }
 
 /// Parses every complete response in `bytes`, in order (for pipelining tests). `head` tells,

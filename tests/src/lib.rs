@@ -9,7 +9,7 @@ pub mod procs;
 pub mod server;
 
 pub use client::{Response, request, send_raw};
-pub use server::{Server, ServerBuilder};
+pub use server::{Held, Server, ServerBuilder};
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

@@ -49,3 +49,17 @@ pub fn alive(pid: i32) -> bool {
         .and_then(|s| s.get(s.rfind(')')? + 2..).map(|r| !r.starts_with('Z')))
         .unwrap_or(false)
 }
+
+/// Connections waiting in the accept queue of the IPv4 TCP socket listening on `port`
+/// (`/proc/net/tcp`: for a listening socket, `rx_queue` counts them), if one listens there.
+pub fn accept_queue(port: u16) -> Option<u32> {
+    let table = fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let local_port = u16::from_str_radix(fields.get(1)?.rsplit(':').next()?, 16).ok()?;
+        if local_port != port || *fields.get(3)? != "0A" {
+            return None;
+        }
+        u32::from_str_radix(fields.get(4)?.split(':').nth(1)?, 16).ok()
+    })
+}

@@ -222,3 +222,48 @@ impl Drop for Server {
         let _ = child.wait();
     }
 }
+
+/// A request to tests/apps/app.py's `/hold` that stays inside the app until released.
+pub struct Held {
+    release: PathBuf,
+    answer: std::thread::JoinHandle<crate::Response>,
+    _dir: tempfile::TempDir,
+}
+
+impl Held {
+    /// Sends the request on a new connection and waits until it is inside the app.
+    ///
+    /// # Panics
+    /// When it does not get there within 30 s.
+    pub fn start(addr: SocketAddr) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let marker = dir.path().join("in-app");
+        let release = dir.path().join("release");
+        let path = format!(
+            "/hold?marker={}&release={}",
+            marker.display(),
+            release.display()
+        );
+        let answer = std::thread::spawn(move || crate::request(addr, "GET", &path, &[], b""));
+        wait_for(
+            "the held request inside the app",
+            Duration::from_secs(30),
+            || marker.exists().then_some(()),
+        );
+        Self {
+            release,
+            answer,
+            _dir: dir,
+        }
+    }
+
+    /// Lets the request finish and returns its response (once the server closed the
+    /// connection, so the thread that ran it is free again).
+    ///
+    /// # Panics
+    /// When the request failed.
+    pub fn release(self) -> crate::Response {
+        std::fs::write(&self.release, b"").expect("release");
+        self.answer.join().expect("the held request")
+    }
+}

@@ -202,6 +202,23 @@ impl Conn {
         matches!(self.phase, Phase::Head) && self.rbuf.is_empty() && self.out.is_empty()
     }
 
+    /// True when the socket holds bytes not read yet (a peek; end of input and errors count as
+    /// none).
+    pub fn has_unread(&self) -> bool {
+        let mut byte = 0u8;
+        // SAFETY: recv writes at most one byte into `byte`, which lives for the call; MSG_PEEK
+        // leaves the byte in the socket and MSG_DONTWAIT keeps the call from blocking.
+        let n = unsafe {
+            libc::recv(
+                self.stream.fd(),
+                (&raw mut byte).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n > 0
+    }
+
     /// Takes back the connection after the app handled its request.
     pub fn finish_request(&mut self, keep_alive: bool, pending: Vec<u8>) {
         self.phase = Phase::Head;

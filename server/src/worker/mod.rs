@@ -5,7 +5,9 @@
 //! connections and slow clients cost nothing, and runs each complete request inline: the
 //! thread that parsed a request calls the app, with no hand-off between threads (a hand-off
 //! per request cost more than a hello-world request itself). A thread busy in a long request
-//! does not accept, so new clients go to the others; its own keep-alive clients wait for it.
+//! does not accept, so new clients go to the others; clients it accepted that have not sent a
+//! request yet are handed to the others when it starts one; its own keep-alive clients wait
+//! for it.
 //! The main thread's loop also watches CPython's signal wakeup fd.
 //!
 //! Every loop beats the leader's heartbeat on each turn, unless some request has been running
@@ -14,7 +16,7 @@
 pub mod conn;
 pub mod signals;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -130,6 +132,9 @@ struct Shared {
     /// interval; queueing here first makes the hand-over orderly. It is held only until the
     /// GIL is taken, so an app that releases the GIL (I/O, sleep) still lets others run.
     gil_queue: parking_lot::Mutex<()>,
+    /// With several threads: connections a loop gave up before running a request, for
+    /// whichever loop is free first (see [`EventLoop::hand_off_fresh`]).
+    handoff: parking_lot::Mutex<VecDeque<Conn>>,
 }
 
 impl Shared {
@@ -227,6 +232,7 @@ pub fn serve(
         wakers,
         hooks,
         gil_queue: parking_lot::Mutex::new(()),
+        handoff: parking_lot::Mutex::new(VecDeque::new()),
     });
     let mut loops = Vec::with_capacity(threads);
     for (index, poll) in polls.into_iter().enumerate() {
@@ -382,9 +388,12 @@ impl EventLoop {
             if self.shared.exit_now.load(Ordering::Relaxed) {
                 return Ok(WorkerExit::Normal);
             }
+            if self.shared.config.threads > 1 {
+                self.adopt();
+            }
             if self.shared.stopping.load(Ordering::Relaxed) {
                 self.stop_accepting();
-                if self.drained() {
+                if self.drained() && self.shared.handoff.lock().is_empty() {
                     return Ok(WorkerExit::Normal);
                 }
             }
@@ -456,7 +465,10 @@ impl EventLoop {
             } else {
                 keepalive.min(STOP_GRACE)
             };
-            !c.mid_request() && c.out.is_empty() && c.last_active.elapsed() >= grace
+            !c.mid_request()
+                && c.out.is_empty()
+                && c.last_active.elapsed() >= grace
+                && !c.has_unread()
         })
     }
 
@@ -604,22 +616,9 @@ impl EventLoop {
             };
             match accepted {
                 Ok((stream, peer)) => {
-                    let key = self.next_key;
-                    self.next_key += 1;
-                    let mut conn = Conn::new(stream, peer);
-                    if self
-                        .poll
-                        .registry()
-                        .register(
-                            conn.stream.source(),
-                            Token(key),
-                            Interest::READABLE | Interest::WRITABLE,
-                        )
-                        .is_err()
-                    {
+                    let Some(key) = self.watch(Conn::new(stream, peer)) else {
                         continue;
-                    }
-                    self.conns.insert(key, conn);
+                    };
                     if let Some(load) = &self.shared.id.load {
                         load.opened();
                     }
@@ -668,6 +667,9 @@ impl EventLoop {
                     }
                     let fd = conn.stream.fd();
                     let pending = std::mem::take(&mut conn.out);
+                    if self.shared.config.threads > 1 {
+                        self.hand_off_fresh(key);
+                    }
                     self.shared.set_busy(self.index, true);
                     let counts = self.shared.id.requests;
                     let started = counts.map(|c| {
@@ -721,6 +723,73 @@ impl EventLoop {
         true
     }
 
+    /// Before this loop runs a request (threaded mode), gives its connections that have not
+    /// sent a request yet to the other loops: a client that connected while this loop was free
+    /// would otherwise wait for this request to end although another thread is free by then.
+    /// (Its kept-alive connections stay: their next request waits for it.)
+    fn hand_off_fresh(&mut self, running: usize) {
+        if self.shared.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        let fresh: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(k, c)| **k != running && c.served == 0 && c.is_idle())
+            .map(|(k, _)| *k)
+            .collect();
+        if fresh.is_empty() {
+            return;
+        }
+        let mut queue = self.shared.handoff.lock();
+        for key in fresh {
+            if let Some(mut conn) = self.conns.remove(&key) {
+                let _ = self.poll.registry().deregister(conn.stream.source());
+                queue.push_back(conn);
+            }
+        }
+        drop(queue);
+        self.shared.wake_idle_sibling(self.index);
+    }
+
+    /// Takes the connections that siblings handed off, one at a time as `accept` does: each
+    /// may run a request at once, and an idle sibling is woken for the rest.
+    fn adopt(&mut self) {
+        loop {
+            let (mut conn, more) = {
+                let mut queue = self.shared.handoff.lock();
+                let Some(conn) = queue.pop_front() else {
+                    return;
+                };
+                (conn, !queue.is_empty())
+            };
+            if more {
+                self.shared.wake_idle_sibling(self.index);
+            }
+            // Its bytes may have arrived before this poller watched it.
+            conn.readable(false);
+            if let Some(key) = self.watch(conn) {
+                self.drive(key);
+            }
+        }
+    }
+
+    /// Registers a connection with this loop's poller under a new key and keeps it; `None`
+    /// (and the connection closed) when it cannot be registered.
+    fn watch(&mut self, mut conn: Conn) -> Option<usize> {
+        let key = self.next_key;
+        self.next_key += 1;
+        self.poll
+            .registry()
+            .register(
+                conn.stream.source(),
+                Token(key),
+                Interest::READABLE | Interest::WRITABLE,
+            )
+            .ok()?;
+        self.conns.insert(key, conn);
+        Some(key)
+    }
+
     fn close(&mut self, key: usize) {
         if let Some(mut conn) = self.conns.remove(&key) {
             let _ = self.poll.registry().deregister(conn.stream.source());
@@ -744,11 +813,14 @@ impl EventLoop {
             .iter()
             .filter(|(_, c)| {
                 let quiet = c.last_active.elapsed();
-                if c.is_idle() {
+                let expired = if c.is_idle() {
                     quiet > keepalive.max(Duration::from_millis(100))
                 } else {
                     quiet > slow
-                }
+                };
+                // Bytes waiting in the socket arrived while this loop ran a request: the
+                // client was not quiet, the loop was busy.
+                expired && !c.has_unread()
             })
             .map(|(k, _)| *k)
             .collect();

@@ -59,19 +59,8 @@ fn leak(server: &Server, requests: u32, n: u32) -> u64 {
 /// Leaks 30 objects `hits` times in worker `pid` only: each try asks `/slot` on a keep-alive
 /// connection (served by one worker) and sends `/leak` on it only when that worker is `pid`.
 fn leak_on(server: &Server, pid: u32, hits: u32) -> u64 {
-    use std::io::{Read, Write};
-    let read_one = |conn: &mut std::net::TcpStream| {
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        loop {
-            if let Some((r, _)) = forkscope_tests::client::parse_one(&buf, false) {
-                return r;
-            }
-            let n = conn.read(&mut chunk).expect("read");
-            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&buf));
-            buf.extend_from_slice(&chunk[..n]);
-        }
-    };
+    use forkscope_tests::client::read_response;
+    use std::io::Write;
     let mut landed = 0;
     for _ in 0..2000 {
         let mut conn = std::net::TcpStream::connect(server.addr).expect("connect");
@@ -80,13 +69,13 @@ fn leak_on(server: &Server, pid: u32, hits: u32) -> u64 {
         conn.write_all(b"GET /slot HTTP/1.1\r\nHost: t\r\n\r\n")
             .expect("write");
         let info: serde_json::Value =
-            serde_json::from_slice(&read_one(&mut conn).body).expect("json");
+            serde_json::from_slice(&read_response(&mut conn).body).expect("json");
         if info["pid"].as_u64() != Some(u64::from(pid)) {
             continue;
         }
         conn.write_all(b"GET /leak?n=30 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
             .expect("write");
-        assert_eq!(read_one(&mut conn).status, 200);
+        assert_eq!(read_response(&mut conn).status, 200);
         landed += 1;
         if landed == hits {
             return u64::from(hits) * 30 * 10_000;
@@ -487,6 +476,43 @@ async fn finished_sessions_are_kept_in_bounded_number() {
     assert!(
         metrics.contains("forkscope_profile_sessions_total{outcome=\"completed\"} 3"),
         "{metrics}"
+    );
+}
+
+/// `--retention`: a finished session is listed, then dropped once older than the retention
+/// (from the list and by id), while a newer one stays.
+#[tokio::test]
+async fn finished_sessions_are_dropped_after_the_retention() {
+    let server = leaky(1);
+    let sidecar = Sidecar::start(&server.runtime, &["--retention", "4"]);
+    let client = sidecar.client();
+    let listed = |client: &Client| {
+        let client = client.clone();
+        async move {
+            let list = client.profiles().await.expect("list").sessions;
+            list.into_iter().map(|s| s.id).collect::<Vec<_>>()
+        }
+    };
+    let old = client.start_profile(&stacks(&server)).await.expect("start");
+    assert_eq!(
+        wait_final(&client, &old.id).await.state,
+        SessionState::Completed
+    );
+    assert_eq!(listed(&client).await, vec![old.id.clone()], "kept at first");
+    eventually(
+        "the session to be dropped",
+        Duration::from_secs(60),
+        || async { listed(&client).await.is_empty().then_some(()) },
+    )
+    .await;
+    let gone = client.profile(&old.id).await.expect_err("dropped");
+    assert_eq!(gone.status(), Some(StatusCode::NOT_FOUND));
+    let new = client.start_profile(&stacks(&server)).await.expect("start");
+    wait_final(&client, &new.id).await;
+    assert_eq!(
+        listed(&client).await,
+        vec![new.id],
+        "a newer session is kept"
     );
 }
 
