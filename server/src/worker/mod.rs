@@ -327,6 +327,11 @@ struct EventLoop {
     accepting: bool,
     /// Since when queued connections are left to a sibling with fewer (see [`crate::balance`]).
     deferring_since: Option<Instant>,
+    /// This loop took one connection and left the rest queued (several threads): it looks
+    /// again on its next turn, since the edge that announced them is spent.
+    maybe_queued: bool,
+    /// The GIL is held for a whole batch of events (see [`Self::handle_events`]).
+    gil_held: bool,
     /// CPython's signal wakeup fd (main loop only).
     wakeup: Option<OwnedFd>,
     conns: HashMap<usize, Conn>,
@@ -373,6 +378,8 @@ impl EventLoop {
             listeners: accepting,
             accepting: true,
             deferring_since: None,
+            maybe_queued: false,
+            gil_held: false,
             wakeup,
             conns: HashMap::new(),
             next_key: FIRST_CONN,
@@ -391,13 +398,20 @@ impl EventLoop {
             if self.shared.config.threads > 1 {
                 self.adopt();
             }
+            if std::mem::take(&mut self.maybe_queued) {
+                for i in 0..self.listeners.len() {
+                    self.accept(i);
+                }
+            }
             if self.shared.stopping.load(Ordering::Relaxed) {
                 self.stop_accepting();
                 if self.drained() && self.shared.handoff.lock().is_empty() {
                     return Ok(WorkerExit::Normal);
                 }
             }
-            let wait = if self.deferring_since.is_some() {
+            let wait = if self.maybe_queued {
+                Duration::ZERO
+            } else if self.deferring_since.is_some() {
                 // Look again soon: the sibling may not take what was left to it.
                 Duration::from_millis(1)
             } else if self.accepting {
@@ -410,34 +424,8 @@ impl EventLoop {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
-            for event in &events {
-                match event.token() {
-                    WAKEUP => {
-                        if self.on_signals_published() {
-                            self.shared.exit_now.store(true, Ordering::SeqCst);
-                            self.shared.wake_all();
-                            return Ok(WorkerExit::Normal);
-                        }
-                    }
-                    // Woken for a stop, or by a sibling that left clients to accept.
-                    STOP => {
-                        for i in 0..self.listeners.len() {
-                            self.accept(i);
-                        }
-                    }
-                    Token(i) if i < FIRST_CONN => self.accept(i),
-                    Token(key) => {
-                        if (event.is_readable() || event.is_read_closed() || event.is_error())
-                            && let Some(conn) = self.conns.get_mut(&key)
-                        {
-                            conn.readable(event.is_read_closed() || event.is_error());
-                        }
-                        self.drive(key);
-                    }
-                }
-                if self.shared.exit_now.load(Ordering::Relaxed) {
-                    return Ok(WorkerExit::Normal);
-                }
+            if let Some(exit) = self.handle_events(&events) {
+                return Ok(exit);
             }
             if signals::GRACEFUL_STOP.load(Ordering::Relaxed) {
                 self.shared.begin_stop("received TERM");
@@ -449,6 +437,58 @@ impl EventLoop {
                 self.sweep();
             }
         }
+    }
+
+    /// Handles one poll's events. With several threads, a loop that has more than one
+    /// connection to serve takes the GIL once for all of them: handing it over between threads
+    /// for every request cost more than a small request itself.
+    fn handle_events(&mut self, events: &Events) -> Option<WorkerExit> {
+        let conns = events.iter().filter(|e| e.token().0 >= FIRST_CONN).count();
+        if self.shared.config.threads > 1 && conns > 1 {
+            let shared = Arc::clone(&self.shared);
+            let turn = shared.gil_queue.lock();
+            return Python::attach(|_py| {
+                drop(turn);
+                self.gil_held = true;
+                let exit = self.handle_each(events);
+                self.gil_held = false;
+                exit
+            });
+        }
+        self.handle_each(events)
+    }
+
+    fn handle_each(&mut self, events: &Events) -> Option<WorkerExit> {
+        for event in events {
+            match event.token() {
+                WAKEUP => {
+                    if self.on_signals_published() {
+                        self.shared.exit_now.store(true, Ordering::SeqCst);
+                        self.shared.wake_all();
+                        return Some(WorkerExit::Normal);
+                    }
+                }
+                // Woken for a stop, or by a sibling that left clients to accept.
+                STOP => {
+                    for i in 0..self.listeners.len() {
+                        self.accept(i);
+                    }
+                }
+                Token(i) if i < FIRST_CONN => self.accept(i),
+                Token(key) => {
+                    if (event.is_readable() || event.is_read_closed() || event.is_error())
+                        && let Some(conn) = self.conns.get_mut(&key)
+                    {
+                        conn.readable(event.is_read_closed() || event.is_error());
+                    }
+                    self.drive(key);
+                }
+            }
+            if self.shared.exit_now.load(Ordering::Relaxed) {
+                return Some(WorkerExit::Normal);
+            }
+        }
+        None
     }
 
     /// Nothing left to finish. During a graceful stop a connection is not closed under a client
@@ -624,13 +664,16 @@ impl EventLoop {
                     }
                     taken += 1;
                     if taken == batch {
-                        // More may be waiting and the edge is spent: let an idle sibling look.
+                        // More may be waiting and the edge is spent: let an idle sibling look,
+                        // and look again after this request (all siblings may be busy).
                         self.shared.wake_idle_sibling(self.index);
+                        self.maybe_queued = true;
                     }
                     self.drive(key);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     self.deferring_since = None;
+                    self.maybe_queued = false;
                     break;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -676,8 +719,8 @@ impl EventLoop {
                         c.begin();
                         Instant::now()
                     });
-                    let turn =
-                        (self.shared.config.threads > 1).then(|| self.shared.gil_queue.lock());
+                    let turn = (self.shared.config.threads > 1 && !self.gil_held)
+                        .then(|| self.shared.gil_queue.lock());
                     let done = Python::attach(|py| {
                         drop(turn);
                         match &self.shared.hooks {
