@@ -95,14 +95,17 @@ def _uwsgi(ctx: Context, app: str, workers: int, port: int) -> list[str]:
     ]  # fmt: skip
 
 
-def _forkscope(*flags: str):
+def _forkscope(*flags: str, runtime: bool = True):
+    """forkscope-server; `runtime=False` points it at a runtime directory it cannot create, which
+    turns off what lives there (the per-slot request counters, profiler results)."""
+
     def build(ctx: Context, app: str, workers: int, port: int) -> list[str]:
         if ctx.forkscope is None:
             raise RuntimeError("forkscope-server was not built")
+        rt = ctx.scratch / f"runtime-{port}" if runtime else Path("/proc/forkscope-off")
         return [
             str(ctx.forkscope), "-w", str(workers), "-b", f"{ctx.host}:{port}",
-            "--chdir", str(ctx.apps), "--runtime-dir", str(ctx.scratch / f"runtime-{port}"),
-            *flags, app,
+            "--chdir", str(ctx.apps), "--runtime-dir", str(rt), *flags, app,
         ]  # fmt: skip
 
     return build
@@ -176,6 +179,12 @@ THROUGHPUT_SERVERS = [
     Server("forkscope", "forkscope-server", "forkscope", _forkscope()),
     Server("forkscope-threads", "forkscope-server --threads 4", "forkscope",
            _forkscope("--threads", "4")),
+    # What the request counters and the memory watch cost (issue 13): hello only.
+    Server("forkscope-nocounters", "forkscope-server, no runtime dir (no request counters)",
+           "forkscope", _forkscope(runtime=False), apps=("hello",)),
+    Server("forkscope-memwatch", "forkscope-server, memory watch on (never crossed)",
+           "forkscope", _forkscope("--max-worker-memory", "4Gi", "--memory-watch-threshold", "2Gi"),
+           apps=("hello",)),
     Server("bjoern", "bjoern (one process)", "bjoern", _bjoern, max_workers=1),
     Server("nginx", "nginx `return 200` (no Python)", "nginx", _nginx, apps=("hello",),
            runs_app=False),

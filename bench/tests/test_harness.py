@@ -53,7 +53,11 @@ class Select(unittest.TestCase):
     def test_prefix_and_exact(self):
         self.assertEqual(self.keys(["gunicorn"]), ["gunicorn-sync", "gunicorn-gthread"])
         self.assertEqual(self.keys(["gunicorn-sync"]), ["gunicorn-sync"])
-        self.assertEqual(self.keys(["forkscope"]), ["forkscope", "forkscope-threads"])
+        self.assertEqual(
+            self.keys(["forkscope"]),
+            ["forkscope", "forkscope-threads", "forkscope-nocounters", "forkscope-memwatch"],
+        )
+        self.assertEqual(self.keys(["forkscope-memwatch"]), ["forkscope-memwatch"])
 
     def test_memory_by_family(self):
         got = self.keys(["gunicorn-sync"], True, servers.MEMORY_CONFIGS)

@@ -138,7 +138,9 @@ class Cells(unittest.TestCase):
     def test_full_run_estimate(self):
         params = self.params(3)
         n = len(throughput.plan(servers.THROUGHPUT_SERVERS, throughput.APPS, params))
-        self.assertEqual(n, 3 * (6 * 4 * 3 + 4 + 3))
+        # Six servers on every app and worker count, the two forkscope variants and nginx on
+        # hello's three worker counts, bjoern on each app's 1-worker cell.
+        self.assertEqual(n, 3 * (6 * 4 * 3 + 3 * 3 + 4))
         line = cli.describe_plan(n, len(servers.MEMORY_CONFIGS), params)
         minutes = int(re.search(r"about (\d+) min", line).group(1))
         self.assertTrue(45 <= minutes <= 70, line)
