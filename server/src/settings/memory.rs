@@ -42,8 +42,10 @@ fn size_error(text: &str) -> String {
     )
 }
 
-/// When tracing starts in a worker, ahead of `--max-worker-memory`.
+/// When tracing starts in a worker, ahead of `--max-worker-memory`; written as it is given
+/// (`80%`, or bytes).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub enum Threshold {
     /// At this many bytes of private memory.
     Bytes(u64),
@@ -58,6 +60,23 @@ impl Threshold {
             Threshold::Bytes(b) => b,
             Threshold::Share(f) => (limit as f64 * f) as u64,
         }
+    }
+}
+
+impl From<Threshold> for String {
+    fn from(t: Threshold) -> String {
+        match t {
+            Threshold::Bytes(b) => b.to_string(),
+            Threshold::Share(f) => format!("{}%", f * 100.0),
+        }
+    }
+}
+
+impl TryFrom<String> for Threshold {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        parse_threshold(&text)
     }
 }
 
@@ -111,6 +130,9 @@ mod tests {
         assert_eq!(parse_threshold("80%"), Ok(Threshold::Share(0.8)));
         assert_eq!(parse_threshold("400Mi"), Ok(Threshold::Bytes(400 << 20)));
         assert_eq!(Threshold::Share(0.5).bytes(1000), 500);
+        for t in [Threshold::Share(0.8), Threshold::Bytes(400 << 20)] {
+            assert_eq!(parse_threshold(&String::from(t)), Ok(t), "round trip");
+        }
         for bad in ["0%", "100%", "1.0", "1.5", "half"] {
             assert!(parse_threshold(bad).is_err(), "{bad}");
         }
