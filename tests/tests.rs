@@ -8,4 +8,5 @@ mod lifecycle;
 mod options;
 mod prefork;
 mod profiler;
+mod wheel;
 mod wsgi;
