@@ -3,87 +3,15 @@
 //! cases of the binary's tests with that venv's interpreter; `import forkscope` there is the
 //! module the workers provide.
 //!
-//! The venv is made once per test run under `{target}/wheel/test-venv` (replaced by the next
-//! run). `FORKSCOPE_TEST_WHEEL` names a wheel built already (scripts/test builds it first);
-//! otherwise the tests run `scripts/wheel`. Both use `FORKSCOPE_PYTHON` (default `python3`).
+//! The venv: [`forkscope_tests::wheel`].
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::OnceLock;
+use std::process::Command;
 
-use forkscope_tests::{ServerBuilder, apps_dir, procs, repo_root, request, server_bin, target_dir};
+use forkscope_tests::wheel::{command, python, run, venv};
+use forkscope_tests::{ServerBuilder, apps_dir, procs, request, server_bin};
 
 use crate::{frameworks, profiler};
-
-/// The fresh venv with the wheel (and Flask and Django for the apps) installed.
-fn venv() -> &'static Path {
-    static VENV: OnceLock<PathBuf> = OnceLock::new();
-    VENV.get_or_init(install)
-}
-
-fn python() -> String {
-    std::env::var("FORKSCOPE_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
-/// Runs `cmd`, panics with its output unless it succeeds.
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// The version pinned in tests/requirements.txt for `package`.
-fn pinned(package: &str) -> String {
-    let text = std::fs::read_to_string(repo_root().join("tests/requirements.txt"))
-        .expect("read tests/requirements.txt");
-    let prefix = format!("{package}==");
-    text.lines()
-        .map(str::trim)
-        .find(|l| l.starts_with(&prefix))
-        .unwrap_or_else(|| panic!("tests/requirements.txt pins {package}"))
-        .to_owned()
-}
-
-fn install() -> PathBuf {
-    let wheel = match std::env::var_os("FORKSCOPE_TEST_WHEEL") {
-        Some(w) => PathBuf::from(w),
-        None => {
-            let out = run(Command::new(repo_root().join("scripts/wheel")).arg(python()));
-            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-        }
-    };
-    assert!(wheel.is_file(), "no wheel at {}", wheel.display());
-    let venv = target_dir().join("wheel/test-venv");
-    if venv.exists() {
-        std::fs::remove_dir_all(&venv).expect("remove the previous test venv");
-    }
-    run(Command::new(python()).args(["-m", "venv"]).arg(&venv));
-    // Plain pip from PyPI, as users install it: no Rust toolchain is involved.
-    run(Command::new(venv.join("bin/python"))
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-        ])
-        .arg(&wheel)
-        .arg(pinned("flask"))
-        .arg(pinned("django"))
-        .env_remove("PIP_REQUIRE_VIRTUALENV"));
-    venv
-}
-
-/// The installed `forkscope-server` command.
-fn command() -> PathBuf {
-    venv().join("bin/forkscope-server")
-}
 
 /// A server started through the installed command.
 fn wheel_server(app: &str) -> ServerBuilder {
@@ -92,7 +20,7 @@ fn wheel_server(app: &str) -> ServerBuilder {
 
 /// The venv's `site-packages/forkscope` folder, as its Python reports it.
 fn installed_package() -> PathBuf {
-    let out = run(Command::new(venv().join("bin/python"))
+    let out = run(Command::new(python())
         .args([
             "-c",
             "import forkscope, os; print(os.path.dirname(forkscope.__file__))",
@@ -215,7 +143,7 @@ print(json.dumps({
     "missing": sorted(declared - public),
 }))
 "#;
-    let out = run(Command::new(venv().join("bin/python"))
+    let out = run(Command::new(python())
         .args(["-c", script])
         .current_dir(std::env::temp_dir()));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");

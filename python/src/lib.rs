@@ -9,10 +9,18 @@
 //! - `_adopt(package)`: the `forkscope` package's `__init__.py` hands itself over, and becomes
 //!   the `forkscope` module the workers keep current (`slot`, `worker_slot()`, `is_tracing()`,
 //!   `mark(label)`), outside a server too.
+//! - `_install_in_gunicorn_worker(...)`, `_worker_exiting(reason)`, `_worker_gone(...)`: what
+//!   `forkscope.gunicorn`'s
+//!   hooks call, so a gunicorn worker gets the very profiler and doorbell of forkscope-server's
+//!   workers (docs/GUNICORN.md).
 
 use std::ffi::OsString;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use forkscope_protocol::{Role, RuntimeDir};
+use forkscope_server::profiler::ProfilerContext;
+use pyo3::exceptions::PyOSError;
 use pyo3::prelude::*;
 use pyo3::types::PyModule;
 
@@ -49,9 +57,69 @@ fn adopt(package: &Bound<'_, PyModule>) -> PyResult<()> {
     forkscope_server::profiler::module::adopt(package)
 }
 
+/// `forkscope.gunicorn`'s `post_worker_init`: gives this gunicorn worker what forkscope-server
+/// gives its workers, from the same code: `{runtime_dir}/{pid}/process.json`, `forkscope.slot`,
+/// and the SIGUSR2 doorbell answering command files with results under `{pid}/results/`.
+/// Returns the worker's folder.
+#[pyfunction(name = "_install_in_gunicorn_worker")]
+fn install_in_gunicorn_worker(
+    py: Python<'_>,
+    slot: u32,
+    app: &str,
+    runtime_dir: PathBuf,
+) -> PyResult<PathBuf> {
+    let runtime = RuntimeDir::new(&runtime_dir);
+    let pid = std::process::id();
+    let leader_pid = std::os::unix::process::parent_id();
+    let ctx = ProfilerContext {
+        runtime: runtime.clone(),
+        pid,
+        slot,
+        leader_pid,
+    };
+    forkscope_server::profiler::install(py, ctx)?;
+    // process.json last: the sidecar rings a gunicorn worker only once it is there, and by then
+    // the doorbell answers (SIGUSR2's default action would end the worker).
+    let folder = forkscope_server::runtime_dir::announce(
+        &runtime,
+        Role::Worker,
+        Some(slot),
+        leader_pid,
+        app,
+    )
+    .map_err(|e| {
+        PyOSError::new_err(format!(
+            "forkscope cannot write to the runtime directory {}: {e}",
+            runtime_dir.display()
+        ))
+    })?;
+    Ok(folder)
+}
+
+/// `forkscope.gunicorn`'s `worker_exit`: a session still tracing hands in an `exit` result.
+#[pyfunction(name = "_worker_exiting")]
+fn worker_exiting(py: Python<'_>, reason: &str) {
+    forkscope_server::profiler::on_worker_exit(py, reason);
+}
+
+/// `forkscope.gunicorn`'s `child_exit` (in the master): removes the folder of worker `pid`,
+/// unless it holds results the sidecar has yet to collect. True when it is gone.
+#[pyfunction(name = "_worker_gone")]
+fn worker_gone(runtime_dir: PathBuf, pid: u32) -> bool {
+    forkscope_server::runtime_dir::remove_if_empty(&RuntimeDir::new(runtime_dir), pid)
+}
+
 #[pymodule(name = "_native")]
 fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(main, m)?)?;
     m.add_function(wrap_pyfunction!(adopt, m)?)?;
+    m.add_function(wrap_pyfunction!(install_in_gunicorn_worker, m)?)?;
+    m.add_function(wrap_pyfunction!(worker_exiting, m)?)?;
+    m.add_function(wrap_pyfunction!(worker_gone, m)?)?;
+    m.add(
+        "DEFAULT_RUNTIME_DIR",
+        forkscope_protocol::DEFAULT_RUNTIME_DIR,
+    )?;
+    m.add("RUNTIME_DIR_ENV", forkscope_protocol::RUNTIME_DIR_ENV)?;
     Ok(())
 }

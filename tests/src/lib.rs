@@ -7,6 +7,7 @@ pub mod gunicorn;
 pub mod keepalive;
 pub mod procs;
 pub mod server;
+pub mod wheel;
 
 pub use client::{Response, request, send_raw};
 pub use server::{Server, ServerBuilder};
