@@ -9,11 +9,13 @@ use std::time::Duration;
 use forkscope_protocol::{RUNTIME_DIR_ENV, RuntimeDir};
 use forkscope_sidecar::api::{Memory, ProfileRequest, ScaleRequest, ServerKind};
 use forkscope_sidecar::{Client, ClientError};
-use forkscope_tests::{apps_dir, procs, venv, wait_for, wheel};
+use forkscope_tests::{apps_dir, procs, request, venv, wait_for, wheel};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::profiles::{one_worker_killed_mid_session, timed_heap_diff_finds_the_leak};
+use crate::profiles::{
+    one_worker_killed_mid_session, one_worker_stopped_mid_session, timed_heap_diff_finds_the_leak,
+};
 use crate::util::{Sidecar, rollup};
 
 /// A gunicorn master started by the test (the spawned process is the master).
@@ -336,6 +338,12 @@ async fn profiled_like_forkscope_workers(args: &[&str]) {
         .collect();
     children.sort_unstable();
     assert_eq!(pids, children, "every gunicorn worker is profiled");
+    // when_ready froze the preloaded objects before the fork; nothing to freeze otherwise.
+    let frozen: u64 = request(g.addr, "GET", "/gc-frozen", &[], b"")
+        .text()
+        .parse()
+        .expect("a count");
+    assert_eq!(frozen > 0, args.contains(&"--preload"), "{frozen} frozen");
     assert!(
         g.log_text()
             .contains("forkscope: profiler doorbell installed"),
@@ -411,6 +419,14 @@ async fn gunicorn_worker_killed_mid_session_is_reported() {
         Duration::from_secs(30),
         || (!g.runtime().process_dir(victim).exists()).then_some(()),
     );
+}
+
+/// A worker stopped gracefully mid-session hands in its exit result (the `worker_exit` hook).
+#[tokio::test]
+async fn gunicorn_worker_stopped_mid_session_hands_in_its_exit_result() {
+    let g = Gunicorn::leaky(HOOK, &[], &[]);
+    let sidecar = Sidecar::start(g.dir.path().join("run").as_path(), &[]);
+    one_worker_stopped_mid_session(&sidecar.client(), &heap_diff(&g, None)).await;
 }
 
 /// An app that installs its own SIGUSR2 handler at import is told, in gunicorn's log, that the

@@ -351,19 +351,21 @@ pub(crate) async fn one_worker_killed_mid_session(
 async fn a_worker_stopped_gracefully_mid_session_hands_in_its_exit_result() {
     let server = leaky(2);
     let sidecar = Sidecar::start(&server.runtime, &[]);
-    let client = sidecar.client();
-    let s = client
-        .start_profile(&heap_diff(&server, None))
-        .await
-        .expect("start");
-    wait_state(&client, &s.id, SessionState::Tracing).await;
+    one_worker_stopped_mid_session(&sidecar.client(), &heap_diff(&server, None)).await;
+}
+
+/// Starts `req`, stops its first worker gracefully (TERM) while it traces, and captures: the
+/// worker handed in its `exit` result and is reported as exited while tracing.
+pub(crate) async fn one_worker_stopped_mid_session(client: &Client, req: &ProfileRequest) {
+    let s = client.start_profile(req).await.expect("start");
+    wait_state(client, &s.id, SessionState::Tracing).await;
     let victim = s.workers[0].pid;
     kill(Pid::from_raw(victim as i32), Signal::SIGTERM).expect("term");
     wait_for("the worker to exit", Duration::from_secs(30), || {
         (!forkscope_tests::procs::alive(victim as i32)).then_some(())
     });
     client.capture(&s.id).await.expect("capture");
-    let done = wait_final(&client, &s.id).await;
+    let done = wait_final(client, &s.id).await;
     let dead = done
         .workers
         .iter()
