@@ -68,6 +68,10 @@ fn install_in_gunicorn_worker(
     app: &str,
     runtime_dir: PathBuf,
 ) -> PyResult<PathBuf> {
+    // The profiler's log lines ("heap diff captured ...; wrote ...") go to gunicorn's error log.
+    if log::set_boxed_logger(Box::new(GunicornLog)).is_ok() {
+        log::set_max_level(log::LevelFilter::Info);
+    }
     let runtime = RuntimeDir::new(&runtime_dir);
     let pid = std::process::id();
     let leader_pid = std::os::unix::process::parent_id();
@@ -94,6 +98,38 @@ fn install_in_gunicorn_worker(
         ))
     })?;
     Ok(folder)
+}
+
+/// Hands the `log` records of the profiler to Python's `gunicorn.error` logger, which writes
+/// gunicorn's error log in its format.
+struct GunicornLog;
+
+impl log::Log for GunicornLog {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Info
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let level = match record.level() {
+            log::Level::Error => 40,
+            log::Level::Warn => 30,
+            _ => 20,
+        };
+        let message = record.args().to_string();
+        Python::attach(|py| {
+            let logged = py
+                .import("logging")
+                .and_then(|logging| logging.call_method1("getLogger", ("gunicorn.error",)))
+                .and_then(|logger| logger.call_method1("log", (level, message)));
+            // A logging failure must not become the profiler's: it is dropped.
+            drop(logged);
+        });
+    }
+
+    fn flush(&self) {}
 }
 
 /// `forkscope.gunicorn`'s `worker_exit`: a session still tracing hands in an `exit` result.
