@@ -11,7 +11,7 @@ use std::process::Command;
 use forkscope_tests::wheel::{command, python, run, venv};
 use forkscope_tests::{ServerBuilder, apps_dir, procs, request, server_bin};
 
-use crate::{frameworks, profiler};
+use crate::{frameworks, lifecycle, profiler};
 
 /// A server started through the installed command.
 fn wheel_server(app: &str) -> ServerBuilder {
@@ -77,6 +77,13 @@ fn wheel_serves_flask() {
 #[test]
 fn wheel_serves_django_with_preload() {
     frameworks::django_serves_with_preload(wheel_server);
+}
+
+/// USR2 executes the installed command again (its path is `sys.argv[0]`, a script that starts
+/// the venv's interpreter), and the new leader takes over the sockets.
+#[test]
+fn wheel_usr2_upgrades_in_place() {
+    lifecycle::usr2_upgrades_in_place(wheel_server);
 }
 
 #[test]
