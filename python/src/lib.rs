@@ -10,9 +10,8 @@
 //!   the `forkscope` module the workers keep current (`slot`, `worker_slot()`, `is_tracing()`,
 //!   `mark(label)`), outside a server too.
 //! - `_install_in_gunicorn_worker(...)`, `_worker_exiting(reason)`, `_worker_gone(...)`: what
-//!   `forkscope.gunicorn`'s
-//!   hooks call, so a gunicorn worker gets the very profiler and doorbell of forkscope-server's
-//!   workers (docs/GUNICORN.md).
+//!   `forkscope.gunicorn`'s hooks call, so a gunicorn worker gets the very profiler and
+//!   doorbell of forkscope-server's workers (docs/GUNICORN.md).
 
 use std::ffi::OsString;
 use std::path::PathBuf;

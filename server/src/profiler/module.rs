@@ -78,9 +78,15 @@ pub fn register(py: Python<'_>) -> PyResult<&Bound<'_, PyModule>> {
 pub fn adopt(package: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = package.py();
     populate(package)?;
-    MODULE
-        .set(py, package.clone().unbind())
-        .map_err(|_| pyo3::exceptions::PyRuntimeError::new_err("forkscope is loaded twice"))
+    let adopted = MODULE.get_or_init(py, || package.clone().unbind());
+    // The same package again (importlib.reload) is fine; another module is not.
+    if adopted.bind(py).is(package) {
+        Ok(())
+    } else {
+        Err(pyo3::exceptions::PyRuntimeError::new_err(
+            "another forkscope module is registered already",
+        ))
+    }
 }
 
 /// The module's attributes, set on a new module or on the adopted package.
