@@ -4,7 +4,18 @@ use forkscope_tests::{ServerBuilder, request};
 
 #[test]
 fn flask_app_serves_routes_and_json() {
-    let s = ServerBuilder::new("flask_app:app").workers(2).start();
+    flask_serves_routes_and_json(ServerBuilder::new);
+}
+
+#[test]
+fn django_app_serves_with_preload() {
+    django_serves_with_preload(ServerBuilder::new);
+}
+
+/// The Flask app's routes, served by the server `server(app)` starts (tests/wheel.rs passes the
+/// command a wheel installed).
+pub(crate) fn flask_serves_routes_and_json(server: fn(&str) -> ServerBuilder) {
+    let s = server("flask_app:app").workers(2).start();
     let r = request(s.addr, "GET", "/", &[], b"");
     assert_eq!((r.status, r.text().as_str()), (200, "Hello from Flask"));
     let r = request(s.addr, "GET", "/items/42?q=x", &[], b"");
@@ -22,9 +33,9 @@ fn flask_app_serves_routes_and_json() {
     assert_eq!(request(s.addr, "GET", "/missing", &[], b"").status, 404);
 }
 
-#[test]
-fn django_app_serves_with_preload() {
-    let s = ServerBuilder::new("djangoproj.wsgi:application")
+/// The Django project with `--preload`, served by the server `server(app)` starts.
+pub(crate) fn django_serves_with_preload(server: fn(&str) -> ServerBuilder) {
+    let s = server("djangoproj.wsgi:application")
         .args(&["--preload"])
         .start();
     let r = request(s.addr, "GET", "/", &[], b"");

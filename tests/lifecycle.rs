@@ -322,6 +322,12 @@ impl Drop for KillOnDrop {
 
 #[test]
 fn usr2_upgrades_in_place_and_term_of_the_old_leader_fails_no_request() {
+    usr2_upgrades_in_place(ServerBuilder::new);
+}
+
+/// USR2 then TERM of the old leader, on the server `server(app)` starts (tests/wheel.rs passes
+/// the command a wheel installed: USR2 executes that command again).
+pub(crate) fn usr2_upgrades_in_place(server: fn(&str) -> ServerBuilder) {
     let dir = app_dir("upgradable");
     let pidfile = dir.path().join("server.pid");
     let oldbin = dir.path().join("server.pid.oldbin");
@@ -335,7 +341,7 @@ fn usr2_upgrades_in_place_and_term_of_the_old_leader_fails_no_request() {
         ),
     )
     .expect("conf");
-    let mut s = ServerBuilder::new("lc_app:app")
+    let mut s = server("lc_app:app")
         .chdir(dir.path())
         .workers(2)
         .args(&["-c", path_str(&conf), "--pid", path_str(&pidfile)])

@@ -459,7 +459,13 @@ fn profiler_two_workers_traced_at_once() {
 /// `forkscope` inside the app: the slot, `is_tracing`, and `mark`.
 #[test]
 fn profiler_forkscope_module_in_the_app() {
-    let server = ServerBuilder::new("leaky:app").args(&["--preload"]).start();
+    forkscope_module_in_the_app(ServerBuilder::new);
+}
+
+/// `forkscope` inside a preloaded app served by the server `server(app)` starts (tests/wheel.rs
+/// passes the command a wheel installed).
+pub(crate) fn forkscope_module_in_the_app(server: fn(&str) -> ServerBuilder) {
+    let server = server("leaky:app").args(&["--preload"]).start();
     let (slot, pid) = worker_pids(&server)[0];
     let info: serde_json::Value = serde_json::from_str(&get(&server, "/slot")).expect("json");
     assert_eq!(

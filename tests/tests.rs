@@ -10,4 +10,5 @@ mod options;
 mod prefork;
 mod profiler;
 mod readme;
+mod wheel;
 mod wsgi;

@@ -99,7 +99,12 @@ fn prepare_python(settings: &settings::Settings) -> anyhow::Result<()> {
             .with_context(|| format!("cannot chdir to {}", dir.display()))?;
     }
     python::set_environ(&settings.raw_env_pairs())?;
-    let argv = std::env::args().collect();
+    // The command line `run` was given (under the wheel, Python's `sys.argv`).
+    let argv = leader::start::start()
+        .argv
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
     python::initialize(&python::PathSetup::from_env(
         argv,
         settings.pythonpath.as_deref(),

@@ -12,11 +12,13 @@ Routes:
   /slot                      JSON: slot at import, forkscope.slot, worker_slot(), is_tracing(), pid
   /mark?label=L              forkscope.mark(L) and answer its result path (or "None")
   /own-usr2                  how often the app's own SIGUSR2 handler ran in this worker
+  /gc-frozen                 gc.get_freeze_count(): objects gc.freeze() moved out of collection
   /                          hello
 
 With LEAKY_OWN_USR2=1 the app installs its own SIGUSR2 handler at import time, as some apps
 do (faulthandler-style dumps); in forkscope workers SIGUSR2 stays the profiler doorbell.
 """
+import gc
 import json
 import os
 import signal
@@ -90,6 +92,8 @@ def app(environ, start_response):
         body = str(forkscope.mark(q.get("label", "here")))
     elif path == "/own-usr2":
         body = str(OWN_USR2_CALLS)
+    elif path == "/gc-frozen":
+        body = str(gc.get_freeze_count())
     else:
         body = "Hello, World!"
     data = body.encode()

@@ -7,6 +7,7 @@ pub mod gunicorn;
 pub mod keepalive;
 pub mod procs;
 pub mod server;
+pub mod wheel;
 
 pub use client::{Response, request, send_raw};
 pub use server::{Held, Server, ServerBuilder};
@@ -27,15 +28,19 @@ pub fn apps_dir() -> PathBuf {
     repo_root().join("tests/apps")
 }
 
+/// Cargo's target folder (`CARGO_TARGET_DIR`, else `target/` in the repository).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"))
+}
+
 /// The built `forkscope-server` (debug) binary.
 ///
 /// # Panics
 /// When it was not built: run `cargo build -p forkscope-server` (scripts/test does).
 pub fn server_bin() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"));
-    let bin = target.join("debug/forkscope-server");
+    let bin = target_dir().join("debug/forkscope-server");
     assert!(
         bin.exists(),
         "{} is missing: run `cargo build -p forkscope-server` first",

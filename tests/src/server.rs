@@ -20,6 +20,7 @@ pub struct ServerBuilder {
     workers: u32,
     chdir: PathBuf,
     wait_workers: bool,
+    program: Option<PathBuf>,
 }
 
 impl ServerBuilder {
@@ -32,6 +33,7 @@ impl ServerBuilder {
             workers: 1,
             chdir: apps_dir(),
             wait_workers: true,
+            program: None,
         }
     }
 
@@ -59,6 +61,13 @@ impl ServerBuilder {
         self
     }
 
+    /// Runs `program` (say the `forkscope-server` command a wheel installed into a venv)
+    /// instead of the built binary, without `VIRTUAL_ENV`: that command brings its interpreter.
+    pub fn program(mut self, program: &Path) -> Self {
+        self.program = Some(program.to_owned());
+        self
+    }
+
     /// Do not wait for the workers to boot (for apps that fail to import).
     pub fn no_wait(mut self) -> Self {
         self.wait_workers = false;
@@ -73,7 +82,7 @@ impl ServerBuilder {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("error.log");
         let runtime = dir.path().join("run");
-        let mut cmd = Command::new(server_bin());
+        let mut cmd = Command::new(self.program.clone().unwrap_or_else(server_bin));
         cmd.arg("-b")
             .arg("127.0.0.1:0")
             .arg("-w")
@@ -88,11 +97,14 @@ impl ServerBuilder {
             .arg("debug")
             .args(&self.args)
             .arg(&self.app)
-            .env("VIRTUAL_ENV", venv())
             .env_remove("WEB_CONCURRENCY")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+        match self.program {
+            Some(_) => cmd.env_remove("VIRTUAL_ENV"),
+            None => cmd.env("VIRTUAL_ENV", venv()),
+        };
         for (k, v) in &self.env {
             cmd.env(k, v);
         }

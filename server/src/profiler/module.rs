@@ -2,7 +2,8 @@
 //!
 //! The module is built in Rust and put into `sys.modules` by the leader before the application
 //! is imported, so `import forkscope` works at import time, with or without `--preload`. It is
-//! entirely optional for applications; see docs/PROFILER.md for its API.
+//! entirely optional for applications; see docs/PROFILER.md for its API. Under the wheel, the
+//! `forkscope` package is [`adopt`]ed as that module instead (python/forkscope/__init__.py).
 
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -48,7 +49,8 @@ fn doorbell(py: Python<'_>, _args: &Bound<'_, PyTuple>) {
     super::ring(py);
 }
 
-/// Creates the module (once per interpreter) and puts it into `sys.modules`.
+/// Creates the module (once per interpreter) and puts it into `sys.modules`. When the
+/// `forkscope` package of the wheel was [`adopt`]ed first, that package is the module.
 ///
 /// # Errors
 /// Python refused to create or register the module.
@@ -56,13 +58,7 @@ pub fn register(py: Python<'_>) -> PyResult<&Bound<'_, PyModule>> {
     let module = MODULE
         .get_or_try_init(py, || {
             let m = PyModule::new(py, MODULE_NAME)?;
-            m.add("__doc__", MODULE_DOC)?;
-            m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-            m.add("slot", py.None())?;
-            m.add_function(wrap_pyfunction!(worker_slot, &m)?)?;
-            m.add_function(wrap_pyfunction!(is_tracing, &m)?)?;
-            m.add_function(wrap_pyfunction!(mark, &m)?)?;
-            m.add_function(wrap_pyfunction!(doorbell, &m)?)?;
+            populate(&m)?;
             Ok::<_, PyErr>(m.unbind())
         })?
         .bind(py);
@@ -70,6 +66,39 @@ pub fn register(py: Python<'_>) -> PyResult<&Bound<'_, PyModule>> {
         .getattr("modules")?
         .set_item(MODULE_NAME, module)?;
     Ok(module)
+}
+
+/// Makes `package` (the `forkscope` package of the wheel, which calls this from its
+/// `__init__.py`) the `forkscope` module: it gets the functions, and the profiler keeps its
+/// `slot` current. Called before [`register`], so a server started from the wheel hands its
+/// workers that same package.
+///
+/// # Errors
+/// Another module was registered already, or Python refused an attribute.
+pub fn adopt(package: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = package.py();
+    populate(package)?;
+    let adopted = MODULE.get_or_init(py, || package.clone().unbind());
+    // The same package again (importlib.reload) is fine; another module is not.
+    if adopted.bind(py).is(package) {
+        Ok(())
+    } else {
+        Err(pyo3::exceptions::PyRuntimeError::new_err(
+            "another forkscope module is registered already",
+        ))
+    }
+}
+
+/// The module's attributes, set on a new module or on the adopted package.
+fn populate(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__doc__", MODULE_DOC)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("slot", worker_slot())?;
+    m.add_function(wrap_pyfunction!(worker_slot, m)?)?;
+    m.add_function(wrap_pyfunction!(is_tracing, m)?)?;
+    m.add_function(wrap_pyfunction!(mark, m)?)?;
+    m.add_function(wrap_pyfunction!(doorbell, m)?)?;
+    Ok(())
 }
 
 /// Sets `forkscope.slot` (the worker does this right after fork).

@@ -187,6 +187,7 @@ impl Workers for FakeWorkers {
                 key: *k,
                 slot: w.slot,
                 pss_bytes: Some(u64::from(k.pid)),
+                doorbell: true,
             })
             .collect();
         Box::pin(std::future::ready(vec![LeaderCandidates {

@@ -22,6 +22,29 @@ pub(crate) struct Candidate {
     pub(crate) slot: u32,
     /// Its PSS, when the request needs it (`top_pss`) and `/proc` told.
     pub(crate) pss_bytes: Option<u64>,
+    /// It answers the doorbell: every forkscope-server worker; a gunicorn worker once
+    /// `forkscope.gunicorn`'s hook announced it in the runtime directory.
+    pub(crate) doorbell: bool,
+}
+
+impl LeaderCandidates {
+    /// True when at least one of its workers can be profiled.
+    fn profilable(&self) -> bool {
+        self.server == ServerKind::Forkscope || self.workers.iter().any(|w| w.doorbell)
+    }
+
+    /// Why a leader none of whose workers has the doorbell cannot be profiled, and the fix.
+    fn no_doorbell(&self) -> ApiError {
+        ApiError::Unprocessable(match self.server {
+            ServerKind::Gunicorn => format!(
+                "the workers of gunicorn leader {} have no forkscope profiler: add the line \
+                 `from forkscope.gunicorn import *` to its gunicorn.conf.py (pip install \
+                 forkscope), then reload it (HUP) or restart it (docs/GUNICORN.md)",
+                self.pid
+            ),
+            ServerKind::Forkscope => format!("leader {} has no workers to profile", self.pid),
+        })
+    }
 }
 
 /// The leader and the workers a request targets, ordered by slot.
@@ -79,11 +102,12 @@ pub(crate) fn validate(req: &ProfileRequest) -> Result<(), ApiError> {
     }
 }
 
-/// Picks the leader (the one named, or the only forkscope-server leader) and its targeted
-/// workers.
+/// Picks the leader (the one named, or the only one whose workers can be profiled:
+/// forkscope-server, or gunicorn with `forkscope.gunicorn`'s hook) and its targeted workers.
 ///
 /// # Errors
-/// 422 for an unknown leader or slot, a gunicorn leader, or no worker to profile.
+/// 422 for an unknown leader or slot, a gunicorn leader without the hook (the reason names the
+/// line to add), or no worker to profile.
 pub(crate) fn select(
     req: &ProfileRequest,
     leaders: &[LeaderCandidates],
@@ -93,41 +117,40 @@ pub(crate) fn select(
             let l = leaders.iter().find(|l| l.pid == pid).ok_or_else(|| {
                 ApiError::NotAWorker(format!("process {pid} is not a discovered leader"))
             })?;
-            if l.server != ServerKind::Forkscope {
-                return Err(ApiError::Unprocessable(format!(
-                    "leader {pid} is {}: only forkscope-server workers have a profiler",
-                    l.server.as_str()
-                )));
+            if !l.profilable() {
+                return Err(l.no_doorbell());
             }
             l
         }
         None => {
-            let mut forkscope = leaders.iter().filter(|l| l.server == ServerKind::Forkscope);
-            match (forkscope.next(), forkscope.next()) {
+            let mut profilable = leaders.iter().filter(|l| l.profilable());
+            match (profilable.next(), profilable.next()) {
                 (Some(one), None) => one,
                 (None, _) => {
-                    return Err(ApiError::Unprocessable(
-                        "no forkscope-server leader found in this pod".into(),
-                    ));
+                    return Err(match leaders.iter().find(|l| !l.profilable()) {
+                        Some(l) => l.no_doorbell(),
+                        None => ApiError::Unprocessable(
+                            "no forkscope-server or gunicorn leader found in this pod".into(),
+                        ),
+                    });
                 }
                 (Some(_), Some(_)) => {
                     return Err(ApiError::Unprocessable(
-                        "several forkscope-server leaders: name one with leader_pid".into(),
+                        "several leaders can be profiled: name one with leader_pid".into(),
                     ));
                 }
             }
         }
     };
+    let candidates = || leader.workers.iter().filter(|w| w.doorbell);
     let mut workers: Vec<(ProcessKey, u32)> = match &req.targets {
-        Targets::All => leader.workers.iter().map(|w| (w.key, w.slot)).collect(),
+        Targets::All => candidates().map(|w| (w.key, w.slot)).collect(),
         Targets::Slots { slots } => {
             let mut out = Vec::new();
             for slot in slots {
                 let before = out.len();
                 out.extend(
-                    leader
-                        .workers
-                        .iter()
+                    candidates()
                         .filter(|w| w.slot == *slot)
                         .map(|w| (w.key, w.slot)),
                 );
@@ -143,9 +166,7 @@ pub(crate) fn select(
             out
         }
         Targets::TopPss { count } => {
-            let mut by_pss: Vec<(u64, ProcessKey, u32)> = leader
-                .workers
-                .iter()
+            let mut by_pss: Vec<(u64, ProcessKey, u32)> = candidates()
                 .filter_map(|w| Some((w.pss_bytes?, w.key, w.slot)))
                 .collect();
             by_pss.sort_by(|a, b| b.0.cmp(&a.0).then(a.2.cmp(&b.2)));
@@ -194,6 +215,7 @@ mod tests {
                     },
                     slot: *slot,
                     pss_bytes: *pss,
+                    doorbell: server == ServerKind::Forkscope,
                 })
                 .collect(),
         }
@@ -235,6 +257,29 @@ mod tests {
         assert!(matches!(e, ApiError::Unprocessable(_)), "{e:?}");
         let e = select(&req(r#"{"leader_pid": 99}"#), &leaders).expect_err("unknown");
         assert!(matches!(e, ApiError::NotAWorker(_)), "{e:?}");
+    }
+
+    #[test]
+    fn gunicorn_workers_with_the_hook_are_chosen_and_without_it_the_reason_names_the_line() {
+        let mut hooked = leader(5, ServerKind::Gunicorn, &[(0, 6, None), (1, 7, None)]);
+        // Worker 6 is still booting (not announced yet); 7 has the doorbell.
+        hooked.workers[1].doorbell = true;
+        let bare = leader(8, ServerKind::Gunicorn, &[(0, 9, None)]);
+        let c = select(&req("{}"), &[hooked.clone(), bare.clone()]).expect("chosen");
+        assert_eq!((c.leader_pid, pids(&c)), (5, vec![7]));
+        let named = select(&req(r#"{"leader_pid": 8}"#), &[hooked, bare.clone()]);
+        for e in [named, select(&req("{}"), &[bare])] {
+            match e {
+                Err(ApiError::Unprocessable(reason)) => {
+                    assert!(reason.contains("gunicorn leader 8"), "{reason}");
+                    assert!(
+                        reason.contains("`from forkscope.gunicorn import *`"),
+                        "{reason}"
+                    );
+                }
+                other => panic!("expected a 422: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -8,12 +8,14 @@ use std::future::Future;
 use std::pin::Pin;
 
 use forkscope_protocol::files::is_real_dir;
-use forkscope_protocol::{Action, Command, CommandResult, FileError, RuntimeDir};
+use forkscope_protocol::{
+    Action, Command, CommandResult, FileError, ProcessInfo, Role, RuntimeDir,
+};
 
 use super::MAX_RESULT_BYTES;
 use super::select::{Candidate, LeaderCandidates};
 use crate::api::ServerKind;
-use crate::discovery::{ProcSource, ProcessKey};
+use crate::discovery::{LeaderEntry, ProcSource, ProcessKey, WorkerEntry};
 use crate::signals::{self, Signal, SignalError};
 
 /// A boxed future, as the trait's methods return (the trait is used as `dyn Workers`).
@@ -22,9 +24,9 @@ pub(crate) type Io<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// What a process named in a journal is now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Now {
-    /// The same process, discovered as a forkscope-server worker.
+    /// The same process, discovered as a worker with the doorbell.
     Worker,
-    /// The same process, but not (or no longer) a forkscope-server worker.
+    /// The same process, but not (or no longer) a worker with the doorbell.
     Other,
     /// Exited, or its PID belongs to another process.
     Gone,
@@ -53,7 +55,7 @@ pub(crate) trait Workers: Send + Sync + 'static {
     fn candidates(&self, pss: bool) -> Io<'_, Vec<LeaderCandidates>>;
     /// Whether `key` is still the process it was.
     fn alive(&self, key: ProcessKey) -> Io<'_, bool>;
-    /// What `key` is now (orphan recovery signals only live forkscope-server workers).
+    /// What `key` is now (orphan recovery signals only live workers with the doorbell).
     fn now(&self, key: ProcessKey) -> Io<'_, Now>;
     /// Clears any old result for `cmd` and writes `cmd` as the worker's command file.
     fn write_command(&self, key: ProcessKey, cmd: &Command) -> Io<'_, Result<(), String>>;
@@ -80,6 +82,38 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     }
 }
 
+/// Whether worker `w` of `leader` answers the doorbell: every forkscope-server worker does; a
+/// gunicorn worker does once `forkscope.gunicorn`'s hook wrote its `process.json`, naming this
+/// process (pid, leader, a start no earlier than the process'; not a folder left by an earlier
+/// process with the same PID).
+fn has_doorbell(
+    source: &ProcSource,
+    runtime: &RuntimeDir,
+    leader: &LeaderEntry,
+    w: &WorkerEntry,
+) -> bool {
+    match leader.server {
+        ServerKind::Forkscope => true,
+        ServerKind::Gunicorn => {
+            let key = w.process.key;
+            let info = forkscope_protocol::read_json_limited::<ProcessInfo>(
+                &runtime.process_info(key.pid),
+                PROCESS_INFO_BYTES,
+            );
+            info.is_ok_and(|info| {
+                info.role == Role::Worker
+                    && info.pid == key.pid
+                    && info.leader_pid == leader.leader.key.pid
+                    // Start times in ticks: allow one second of rounding.
+                    && info.started_at + 1.0 >= source.started_at(key.start_ticks)
+            })
+        }
+    }
+}
+
+/// A `process.json` is a few hundred bytes; anything much larger is not one.
+const PROCESS_INFO_BYTES: u64 = 64 << 10;
+
 /// The real workers: discovered through `/proc`, reached through the runtime directory.
 #[derive(Clone)]
 pub(crate) struct ProcWorkers {
@@ -89,7 +123,7 @@ pub(crate) struct ProcWorkers {
 
 impl Workers for ProcWorkers {
     fn candidates(&self, pss: bool) -> Io<'_, Vec<LeaderCandidates>> {
-        let source = self.source.clone();
+        let (source, runtime) = (self.source.clone(), self.runtime.clone());
         Box::pin(blocking(move || {
             source
                 .scan()
@@ -109,6 +143,7 @@ impl Workers for ProcWorkers {
                             } else {
                                 None
                             },
+                            doorbell: has_doorbell(&source, &runtime, l, w),
                         })
                         .collect(),
                 })
@@ -122,12 +157,12 @@ impl Workers for ProcWorkers {
     }
 
     fn now(&self, key: ProcessKey) -> Io<'_, Now> {
-        let source = self.source.clone();
+        let (source, runtime) = (self.source.clone(), self.runtime.clone());
         Box::pin(blocking(move || {
             let snap = source.scan();
-            let worker = snap
-                .worker(key.pid)
-                .is_some_and(|(l, w)| l.server == ServerKind::Forkscope && w.process.key == key);
+            let worker = snap.worker(key.pid).is_some_and(|(l, w)| {
+                w.process.key == key && has_doorbell(&source, &runtime, l, w)
+            });
             if worker {
                 Now::Worker
             } else if source.lookup(key).is_some() {

@@ -1,39 +1,39 @@
 //! A real gunicorn from PyPI: discovery by setproctitle titles and by command line, memory equal
 //! to the kernel's smaps_rollup, and leader management (TTIN/TTOU/HUP) through the API.
 
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use forkscope_sidecar::api::{Memory, ScaleRequest, ServerKind};
-use forkscope_tests::{apps_dir, procs, venv, wait_for};
+use forkscope_protocol::{RUNTIME_DIR_ENV, RuntimeDir};
+use forkscope_sidecar::api::{Memory, ProfileRequest, ScaleRequest, ServerKind};
+use forkscope_sidecar::{Client, ClientError};
+use forkscope_tests::{apps_dir, procs, request, venv, wait_for, wheel};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+use crate::profiles::{
+    one_worker_killed_mid_session, one_worker_stopped_mid_session, timed_heap_diff_finds_the_leak,
+};
 use crate::util::{Sidecar, rollup};
 
 /// A gunicorn master started by the test (the spawned process is the master).
 struct Gunicorn {
     child: Child,
-    _dir: tempfile::TempDir,
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
 }
+
+/// The line that makes a gunicorn deployment profilable (docs/GUNICORN.md).
+const HOOK: &str = "from forkscope.gunicorn import *\n";
 
 impl Gunicorn {
     /// `gunicorn -w N -b 127.0.0.1:0 app:app`; `titles: false` hides setproctitle from it.
     fn start(workers: u32, titles: bool) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = dir.path().join("gunicorn.log");
-        let mut cmd = Command::new(venv().join("bin/gunicorn"));
-        cmd.args(["-b", "127.0.0.1:0", "-w", &workers.to_string(), "--chdir"])
-            .arg(apps_dir())
-            .arg("--error-logfile")
-            .arg(&log)
-            .arg("app:app")
-            .env_remove("WEB_CONCURRENCY")
-            .env_remove("GUNICORN_CMD_ARGS")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        let mut cmd = Self::command(&venv(), dir.path(), workers);
+        cmd.arg("app:app");
         if !titles {
             // A module that shadows setproctitle and refuses to import: gunicorn then keeps
             // the interpreter's command line, as in images without setproctitle.
@@ -46,8 +46,59 @@ impl Gunicorn {
             .expect("write");
             cmd.env("PYTHONPATH", &shadow);
         }
+        Self::ready(cmd, dir, workers)
+    }
+
+    /// gunicorn from the venv the forkscope wheel is installed in, serving tests/apps/leaky.py
+    /// with 2 workers, `conf` as its gunicorn.conf.py, `args`, and the runtime directory in its
+    /// folder. With the hook in `conf`, ready once every worker announced itself there.
+    fn leaky(conf: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // As the pod's shared emptyDir, it exists before anything is written there.
+        std::fs::create_dir(dir.path().join("run")).expect("mkdir run");
+        let config = dir.path().join("gunicorn.conf.py");
+        std::fs::write(&config, conf).expect("write gunicorn.conf.py");
+        let mut cmd = Self::command(wheel::venv(), dir.path(), 2);
+        cmd.arg("-c")
+            .arg(&config)
+            .args(args)
+            .arg("leaky:app")
+            .env(RUNTIME_DIR_ENV, dir.path().join("run"))
+            .envs(env.iter().copied())
+            .env_remove("VIRTUAL_ENV");
+        let g = Self::ready(cmd, dir, 2);
+        if conf.contains(HOOK) {
+            g.wait_announced();
+        }
+        g
+    }
+
+    /// `{venv}/bin/gunicorn -b 127.0.0.1:0 -w N` in tests/apps, logging to `{dir}/gunicorn.log`,
+    /// without the environment's gunicorn settings; the caller adds the rest and the app.
+    fn command(venv: &Path, dir: &Path, workers: u32) -> Command {
+        let mut cmd = Command::new(venv.join("bin/gunicorn"));
+        cmd.args(["-b", "127.0.0.1:0", "-w", &workers.to_string(), "--chdir"])
+            .arg(apps_dir())
+            .arg("--error-logfile")
+            .arg(dir.join("gunicorn.log"))
+            .env_remove("WEB_CONCURRENCY")
+            .env_remove("GUNICORN_CMD_ARGS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        cmd
+    }
+
+    /// Spawns `cmd` (which logs to `{dir}/gunicorn.log`) and waits until it listens, has its
+    /// `workers` and accepts.
+    fn ready(mut cmd: Command, dir: tempfile::TempDir, workers: u32) -> Self {
+        let log = dir.path().join("gunicorn.log");
         let child = cmd.spawn().expect("spawn gunicorn");
-        let g = Gunicorn { child, _dir: dir };
+        let mut g = Gunicorn {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            dir,
+        };
         let addr = wait_for("gunicorn's Listening line", Duration::from_secs(60), || {
             let text = std::fs::read_to_string(&log).ok()?;
             let rest = text.split("Listening at: http://").nth(1)?;
@@ -62,11 +113,36 @@ impl Gunicorn {
         wait_for("gunicorn to accept", Duration::from_secs(30), || {
             TcpStream::connect(addr).ok()
         });
+        g.addr = addr;
         g
+    }
+
+    /// Waits until every worker wrote its `process.json` (the hook's last step).
+    fn wait_announced(&self) {
+        wait_for(
+            "every gunicorn worker's process.json",
+            Duration::from_secs(60),
+            || {
+                let workers = procs::children(self.pid() as i32);
+                (workers.len() == 2
+                    && workers
+                        .iter()
+                        .all(|w| self.runtime().process_info(*w as u32).is_file()))
+                .then_some(())
+            },
+        );
     }
 
     fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    fn runtime(&self) -> RuntimeDir {
+        RuntimeDir::new(self.dir.path().join("run"))
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gunicorn.log")).unwrap_or_default()
     }
 }
 
@@ -188,7 +264,8 @@ async fn gunicorn_is_scaled_and_reloaded_through_the_api() {
     let sidecar = Sidecar::start(runtime.path(), &[]);
     let client = sidecar.client();
     let leader = Some(g.pid());
-    // gunicorn workers have no profiler doorbell: a session is refused, nothing is rung.
+    // Without forkscope.gunicorn's hook its workers have no doorbell: a session is refused,
+    // nothing is rung.
     match client
         .start_profile(&forkscope_sidecar::api::ProfileRequest {
             leader_pid: leader,
@@ -236,4 +313,141 @@ async fn gunicorn_is_scaled_and_reloaded_through_the_api() {
         let now = procs::children(g.pid() as i32);
         (now.len() == 1 && now != before).then_some(())
     });
+}
+
+/// A heap diff of `g`'s workers through the sidecar, as for forkscope-server's.
+fn heap_diff(g: &Gunicorn, duration: Option<f64>) -> ProfileRequest {
+    ProfileRequest {
+        leader_pid: Some(g.pid()),
+        ..ProfileRequest::heap_diff(duration)
+    }
+}
+
+/// gunicorn with the one-line hook: a heap diff through the sidecar finds leaky.py's leak line
+/// in every worker.
+async fn profiled_like_forkscope_workers(args: &[&str]) {
+    let g = Gunicorn::leaky(HOOK, args, &[]);
+    let sidecar = Sidecar::start(g.dir.path().join("run").as_path(), &[]);
+    let done =
+        timed_heap_diff_finds_the_leak(&sidecar.client(), &heap_diff(&g, Some(6.0)), g.addr).await;
+    let mut pids: Vec<u32> = done.workers.iter().map(|w| w.pid).collect();
+    pids.sort_unstable();
+    let mut children: Vec<u32> = procs::children(g.pid() as i32)
+        .into_iter()
+        .map(|p| p as u32)
+        .collect();
+    children.sort_unstable();
+    assert_eq!(pids, children, "every gunicorn worker is profiled");
+    // when_ready froze the preloaded objects before the fork; nothing to freeze otherwise.
+    let frozen: u64 = request(g.addr, "GET", "/gc-frozen", &[], b"")
+        .text()
+        .parse()
+        .expect("a count");
+    assert_eq!(frozen > 0, args.contains(&"--preload"), "{frozen} frozen");
+    // The hook's line, then the profiler's own lines, in gunicorn's error log.
+    let log = g.log_text();
+    for line in [
+        "forkscope: profiler doorbell installed",
+        "profiler: tracing started",
+        "profiler: heap diff captured",
+    ] {
+        assert!(log.contains(line), "{line:?} missing:\n{log}");
+    }
+}
+
+#[tokio::test]
+async fn gunicorn_sync_workers_with_the_hook_are_profiled() {
+    profiled_like_forkscope_workers(&["-k", "sync"]).await;
+}
+
+#[tokio::test]
+async fn gunicorn_sync_workers_with_the_hook_are_profiled_preloaded() {
+    profiled_like_forkscope_workers(&["-k", "sync", "--preload"]).await;
+}
+
+#[tokio::test]
+async fn gunicorn_gthread_workers_with_the_hook_are_profiled() {
+    profiled_like_forkscope_workers(&["-k", "gthread", "--threads", "4"]).await;
+}
+
+#[tokio::test]
+async fn gunicorn_gthread_workers_with_the_hook_are_profiled_preloaded() {
+    profiled_like_forkscope_workers(&["-k", "gthread", "--threads", "4", "--preload"]).await;
+}
+
+/// Without the hook, discovery and memory still work, and a profile request is refused with
+/// the line to add.
+#[tokio::test]
+async fn gunicorn_without_the_hook_is_told_the_line_to_add() {
+    let g = Gunicorn::leaky("", &[], &[]);
+    let sidecar = Sidecar::start(g.dir.path().join("run").as_path(), &[]);
+    let client = sidecar.client();
+    let list = client.processes().await.expect("processes");
+    let leader = list
+        .leaders
+        .iter()
+        .find(|l| l.leader.pid == g.pid())
+        .expect("the gunicorn leader is discovered");
+    assert_eq!(leader.workers.len(), 2);
+    assert!(leader.workers.iter().all(|w| w.memory.is_some()));
+    assert_refused_with_the_line(&client, &g).await;
+}
+
+async fn assert_refused_with_the_line(client: &Client, g: &Gunicorn) {
+    match client.start_profile(&heap_diff(g, Some(1.0))).await {
+        Err(ClientError::Api { status, body }) => {
+            assert_eq!(status, reqwest::StatusCode::UNPROCESSABLE_ENTITY);
+            assert!(
+                body.reason.contains("`from forkscope.gunicorn import *`")
+                    && body.reason.contains("gunicorn.conf.py"),
+                "{}",
+                body.reason
+            );
+        }
+        other => panic!("expected a 422: {other:?}"),
+    }
+}
+
+/// A worker SIGKILLed mid-session is reported as exited; the other delivers its diff, and the
+/// master's `child_exit` hook removes the dead worker's folder (it held no results).
+#[tokio::test]
+async fn gunicorn_worker_killed_mid_session_is_reported() {
+    // gthread keeps connections alive, which aiming the leaks at one worker needs.
+    let g = Gunicorn::leaky(HOOK, &["-k", "gthread", "--threads", "2"], &[]);
+    let sidecar = Sidecar::start(g.dir.path().join("run").as_path(), &[]);
+    let victim =
+        one_worker_killed_mid_session(&sidecar.client(), &heap_diff(&g, None), g.addr).await;
+    wait_for(
+        "the killed worker's folder to go",
+        Duration::from_secs(30),
+        || (!g.runtime().process_dir(victim).exists()).then_some(()),
+    );
+}
+
+/// A worker stopped gracefully mid-session hands in its exit result (the `worker_exit` hook).
+#[tokio::test]
+async fn gunicorn_worker_stopped_mid_session_hands_in_its_exit_result() {
+    let g = Gunicorn::leaky(HOOK, &[], &[]);
+    let sidecar = Sidecar::start(g.dir.path().join("run").as_path(), &[]);
+    one_worker_stopped_mid_session(&sidecar.client(), &heap_diff(&g, None)).await;
+}
+
+/// An app that installs its own SIGUSR2 handler at import is told, in gunicorn's log, that the
+/// doorbell replaces it in workers; profiling finds the leak.
+#[tokio::test]
+async fn gunicorn_app_with_its_own_usr2_handler_is_told() {
+    let g = Gunicorn::leaky(HOOK, &[], &[("LEAKY_OWN_USR2", "1")]);
+    wait_for(
+        "the warning in gunicorn's log",
+        Duration::from_secs(30),
+        || {
+            let log = g.log_text();
+            (log.matches("forkscope: the application's SIGUSR2 handler")
+                .count()
+                == 2)
+                .then_some(())
+        },
+    );
+    let sidecar = Sidecar::start(g.dir.path().join("run").as_path(), &[]);
+    timed_heap_diff_finds_the_leak(&sidecar.client(), &heap_diff(&g, Some(6.0)), g.addr).await;
 }

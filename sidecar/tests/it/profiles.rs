@@ -2,6 +2,7 @@
 //! heap diffs that find the leak line, explicit capture, slots, stacks of a busy worker,
 //! conflicts, cancel, timeouts, and workers that die mid-session.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use forkscope_protocol::Outcome;
@@ -48,9 +49,9 @@ async fn wait_final(client: &Client, id: &str) -> Session {
 }
 
 /// Leaks `n` objects per request over `requests` requests, LEAK_SIZE (10000) bytes each.
-fn leak(server: &Server, requests: u32, n: u32) -> u64 {
+fn leak(addr: SocketAddr, requests: u32, n: u32) -> u64 {
     for _ in 0..requests {
-        let r = request(server.addr, "GET", &format!("/leak?n={n}"), &[], b"");
+        let r = request(addr, "GET", &format!("/leak?n={n}"), &[], b"");
         assert_eq!(r.status, 200);
     }
     u64::from(requests * n) * 10_000
@@ -58,12 +59,12 @@ fn leak(server: &Server, requests: u32, n: u32) -> u64 {
 
 /// Leaks 30 objects `hits` times in worker `pid` only: each try asks `/slot` on a keep-alive
 /// connection (served by one worker) and sends `/leak` on it only when that worker is `pid`.
-fn leak_on(server: &Server, pid: u32, hits: u32) -> u64 {
+pub(crate) fn leak_on(addr: SocketAddr, pid: u32, hits: u32) -> u64 {
     use forkscope_tests::client::read_response;
     use std::io::Write;
     let mut landed = 0;
     for _ in 0..2000 {
-        let mut conn = std::net::TcpStream::connect(server.addr).expect("connect");
+        let mut conn = std::net::TcpStream::connect(addr).expect("connect");
         conn.set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
         conn.write_all(b"GET /slot HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -107,24 +108,9 @@ async fn heap_diff_with_a_duration_finds_the_leak_line() {
     let server = leaky(2);
     let sidecar = Sidecar::start(&server.runtime, &[]);
     let client = sidecar.client();
-    let started = client
-        .start_profile(&heap_diff(&server, Some(6.0)))
-        .await
-        .expect("start");
-    assert_eq!(started.workers.len(), 2);
-    assert_eq!(started.leader_pid, server.pid() as u32);
-    wait_state(&client, &started.id, SessionState::Tracing).await;
-    let leaked = leak(&server, 20, 5);
-    let done = wait_final(&client, &started.id).await;
-    assert_eq!(done.state, SessionState::Completed, "{done:#?}");
-    for w in &done.workers {
-        assert_eq!(w.state, WorkerState::Done, "{w:?}");
-        let result = w.result.as_ref().expect("result");
-        assert_eq!(result.request_id, done.id);
-        assert!(matches!(result.outcome, Outcome::HeapDiff(_)));
-    }
-    assert_eq!(done.summary.as_ref().map(|s| s.workers), Some(2));
-    assert_leak_on_top(&done, leaked);
+    let done =
+        timed_heap_diff_finds_the_leak(&client, &heap_diff(&server, Some(6.0)), server.addr).await;
+    assert_eq!(done.leader_pid, server.pid() as u32);
     // The sidecar collected its result files and left no command behind.
     for w in &done.workers {
         let dir = server.runtime.join(w.pid.to_string());
@@ -136,6 +122,30 @@ async fn heap_diff_with_a_duration_finds_the_leak_line() {
     }
     let listed = client.profiles().await.expect("list");
     assert!(listed.sessions.iter().any(|s| s.id == done.id));
+}
+
+/// Runs `req` (a heap diff with a duration, on two workers) while leaking through `addr`: the
+/// session completes with a diff from each worker and the leak line on top. Returns it.
+pub(crate) async fn timed_heap_diff_finds_the_leak(
+    client: &Client,
+    req: &ProfileRequest,
+    addr: SocketAddr,
+) -> Session {
+    let started = client.start_profile(req).await.expect("start");
+    assert_eq!(started.workers.len(), 2);
+    wait_state(client, &started.id, SessionState::Tracing).await;
+    let leaked = leak(addr, 20, 5);
+    let done = wait_final(client, &started.id).await;
+    assert_eq!(done.state, SessionState::Completed, "{done:#?}");
+    for w in &done.workers {
+        assert_eq!(w.state, WorkerState::Done, "{w:?}");
+        let result = w.result.as_ref().expect("result");
+        assert_eq!(result.request_id, done.id);
+        assert!(matches!(result.outcome, Outcome::HeapDiff(_)));
+    }
+    assert_eq!(done.summary.as_ref().map(|s| s.workers), Some(2));
+    assert_leak_on_top(&done, leaked);
+    done
 }
 
 #[tokio::test]
@@ -160,7 +170,7 @@ async fn explicit_capture_on_one_slot() {
     assert_eq!((s.workers[0].pid, s.workers[0].slot), (slot1, Some(1)));
     let tracing = wait_state(&client, &s.id, SessionState::Tracing).await;
     assert!(tracing.deadline_at.is_some());
-    let leaked = leak_on(&server, slot1, 10);
+    let leaked = leak_on(server.addr, slot1, 10);
     let captured = client.capture(&s.id).await.expect("capture");
     assert!(matches!(
         captured.state,
@@ -289,19 +299,26 @@ async fn a_session_without_capture_times_out_and_stops_tracing() {
 async fn a_worker_killed_mid_session_is_reported_and_the_others_deliver() {
     let server = leaky(2);
     let sidecar = Sidecar::start(&server.runtime, &[]);
-    let client = sidecar.client();
-    let s = client
-        .start_profile(&heap_diff(&server, None))
-        .await
-        .expect("start");
-    wait_state(&client, &s.id, SessionState::Tracing).await;
+    one_worker_killed_mid_session(&sidecar.client(), &heap_diff(&server, None), server.addr).await;
+}
+
+/// Starts `req` on two workers, SIGKILLs the first while it traces, leaks in the second (served
+/// at `addr`) and captures: the dead worker is reported as exited without a result, the
+/// survivor delivers the leak. Returns the dead worker's PID.
+pub(crate) async fn one_worker_killed_mid_session(
+    client: &Client,
+    req: &ProfileRequest,
+    addr: SocketAddr,
+) -> u32 {
+    let s = client.start_profile(req).await.expect("start");
+    wait_state(client, &s.id, SessionState::Tracing).await;
     let [victim, survivor] = [s.workers[0].pid, s.workers[1].pid];
     kill(Pid::from_raw(victim as i32), Signal::SIGKILL).expect("kill");
     // Aimed at the survivor: the victim's slot is refilled at once, and its replacement must
     // not take some of the leaks.
-    let leaked = leak_on(&server, survivor, 4);
+    let leaked = leak_on(addr, survivor, 4);
     client.capture(&s.id).await.expect("capture");
-    let done = wait_final(&client, &s.id).await;
+    let done = wait_final(client, &s.id).await;
     assert_eq!(done.state, SessionState::Completed, "{done:#?}");
     let by_pid = |pid| done.workers.iter().find(|w| w.pid == pid).expect("worker");
     let dead = by_pid(victim);
@@ -316,25 +333,28 @@ async fn a_worker_killed_mid_session_is_reported_and_the_others_deliver() {
     assert_eq!(done.summary.as_ref().map(|s| s.workers), Some(1));
     // Every leak went to the survivor, so it is on top.
     assert_leak_on_top(&done, leaked);
+    victim
 }
 
 #[tokio::test]
 async fn a_worker_stopped_gracefully_mid_session_hands_in_its_exit_result() {
     let server = leaky(2);
     let sidecar = Sidecar::start(&server.runtime, &[]);
-    let client = sidecar.client();
-    let s = client
-        .start_profile(&heap_diff(&server, None))
-        .await
-        .expect("start");
-    wait_state(&client, &s.id, SessionState::Tracing).await;
+    one_worker_stopped_mid_session(&sidecar.client(), &heap_diff(&server, None)).await;
+}
+
+/// Starts `req`, stops its first worker gracefully (TERM) while it traces, and captures: the
+/// worker handed in its `exit` result and is reported as exited while tracing.
+pub(crate) async fn one_worker_stopped_mid_session(client: &Client, req: &ProfileRequest) {
+    let s = client.start_profile(req).await.expect("start");
+    wait_state(client, &s.id, SessionState::Tracing).await;
     let victim = s.workers[0].pid;
     kill(Pid::from_raw(victim as i32), Signal::SIGTERM).expect("term");
     wait_for("the worker to exit", Duration::from_secs(30), || {
         (!forkscope_tests::procs::alive(victim as i32)).then_some(())
     });
     client.capture(&s.id).await.expect("capture");
-    let done = wait_final(&client, &s.id).await;
+    let done = wait_final(client, &s.id).await;
     let dead = done
         .workers
         .iter()
@@ -523,7 +543,7 @@ async fn top_pss_picks_the_worker_that_grew() {
     let client = sidecar.client();
     let fat = server.workers()[1].1 as u32;
     // About 6 MB more in one worker than in the other.
-    leak_on(&server, fat, 20);
+    leak_on(server.addr, fat, 20);
     let s = client
         .start_profile(&ProfileRequest {
             targets: Targets::TopPss { count: 1 },
