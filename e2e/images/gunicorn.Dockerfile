@@ -1,6 +1,7 @@
-# A plain gunicorn on Python 3.11, for the e2e tests of the sidecar in a gunicorn pod (not a
-# forkscope image). scripts/images puts gunicorn (the version of tests/requirements.txt,
-# installed with pip --target) in pylib/ of the build context.
+# gunicorn on Python 3.11, for the e2e tests of the sidecar in a gunicorn pod (not a forkscope
+# image). scripts/images puts gunicorn (the version of tests/requirements.txt) and the
+# `forkscope` wheel, installed with pip --target, in pylib/ of the build context: a plain
+# gunicorn unless gunicorn.conf.py has `from forkscope.gunicorn import *`.
 ARG BASE=python:3.11-slim-bookworm
 FROM ${BASE}
 COPY pylib /opt/pylib

@@ -604,6 +604,95 @@ async fn the_sidecar_sees_a_plain_gunicorn_pod() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[tokio::test]
+async fn a_profile_request_finds_the_leak_in_a_gunicorn_pod_made_profilable_by_one_line()
+-> anyhow::Result<()> {
+    let admin = crate::client_with_crd().await?;
+    node::require_images(&admin, &[node::GUNICORN_IMAGE, node::SIDECAR_IMAGE]).await?;
+    let ns = cluster::test_namespace(&admin, "gunicorn-profiled").await?;
+    let app = cluster::repo_path("examples/leaky_app.py");
+    let app = format!("--from-file={}", app.display());
+    // The one line of docs/GUNICORN.md.
+    let conf = "--from-literal=gunicorn.conf.py=from forkscope.gunicorn import *\n";
+    node::kubectl_ok(["create", "configmap", "web-app", "-n", &ns, &app, conf]).await?;
+    let token = "gunicorn-profiled-token";
+    let literal = format!("--from-literal=token={token}");
+    node::kubectl_ok([
+        "create",
+        "secret",
+        "generic",
+        "forkscope-sidecar-token",
+        "-n",
+        &ns,
+        &literal,
+    ])
+    .await?;
+    node::apply(
+        &ns,
+        &cluster::repo_path("e2e/manifests/gunicorn-profiled.yaml"),
+    )
+    .await?;
+    let pods = node::wait_available(&admin, &ns, "gunicorn-profiled", node::POD_TIMEOUT).await?;
+    let sidecar = node::sidecar(&pods[0], token)?;
+    wait_for_workers(&sidecar, ServerKind::Gunicorn, 2).await?;
+
+    // The operator as a process of the test, with the sidecar's static token; leaking traffic
+    // to the pod while the request runs.
+    let dir = tempfile::tempdir()?;
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token)?;
+    let op = forkscope_e2e::fleet::Operator::start(
+        &ns,
+        &cluster::kubeconfig_path()?,
+        dir.path().join("operator.log"),
+        &[
+            "--auth",
+            "static",
+            "--sidecar-token-file",
+            &token_file.display().to_string(),
+        ],
+    )
+    .await?;
+    let url = format!("{}leak?n=2", node::pod_url(&pods[0], "http")?);
+    let traffic = tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        loop {
+            let _ = http.get(&url).send().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let requests: kube::Api<ProfileRequest> = kube::Api::namespaced(admin.clone(), &ns);
+    let status = crate::operator::apply_and_finish(
+        &requests,
+        dir.path(),
+        "gunicorn-heap-diff",
+        "selector:\n  matchLabels:\n    app: gunicorn-profiled\nduration: 5s\nworkers:\n  all: true\ntop: 10\n",
+        || op.log(),
+    )
+    .await;
+    traffic.abort();
+    let status = status?;
+    ensure!(
+        status.phase == Some(Phase::Succeeded),
+        "{status:#?}\n{}",
+        op.log()
+    );
+    ensure!(
+        status.pods.iter().map(|p| p.workers.len()).sum::<usize>() == 2,
+        "both gunicorn workers profiled: {status:#?}"
+    );
+    let site = format!("leaky_app.py:{}", leak_line()?);
+    ensure!(
+        status
+            .top_site
+            .as_deref()
+            .is_some_and(|s| s.ends_with(&site)),
+        "top site {:?}, want {site}: {status:#?}",
+        status.top_site
+    );
+    Ok(())
+}
+
 /// A sidecar client error as an e2e error, inside `wait::until` probes.
 fn tool(e: forkscope_sidecar::ClientError) -> forkscope_e2e::Error {
     forkscope_e2e::Error::Tool(format!("sidecar: {e}"))

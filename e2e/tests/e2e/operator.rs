@@ -46,7 +46,7 @@ async fn kubectl_ok(args: &[&str]) -> anyhow::Result<String> {
 }
 
 /// Applies a ProfileRequest given as YAML, the way a user does.
-async fn apply(dir: &Path, ns: &str, name: &str, spec_yaml: &str) -> anyhow::Result<()> {
+pub(crate) async fn apply(dir: &Path, ns: &str, name: &str, spec_yaml: &str) -> anyhow::Result<()> {
     let file = dir.join(format!("{name}.yaml"));
     let indented: String = spec_yaml.lines().map(|l| format!("  {l}\n")).collect();
     std::fs::write(
@@ -72,7 +72,7 @@ async fn wait_phase(
 }
 
 /// Applies a request and waits until it finished; its status. `context` explains a timeout.
-async fn apply_and_finish(
+pub(crate) async fn apply_and_finish(
     api: &Api<ProfileRequest>,
     dir: &Path,
     name: &str,
