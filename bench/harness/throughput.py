@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,8 +180,8 @@ def measure_one(
     env = dict(server.extra_env)
     count_dir = None
     if app.counts and server.runs_app:
-        count_dir = ctx.scratch / f"calls-{port}"
-        count_dir.mkdir(parents=True)
+        # A folder of its own: ports are reused from run to run.
+        count_dir = Path(tempfile.mkdtemp(prefix=f"calls-{port}-", dir=ctx.scratch))
         env[counting.ENV] = str(count_dir)
     running = processes.start(server.key, argv, ctx.env(env), ctx.scratch, log_path, ctx.host, port)
     try:
