@@ -122,25 +122,48 @@ async fn wait_for_workers(
     found.with_context(|| format!("last seen: {:?}", last.lock().expect("not poisoned")))
 }
 
-/// Each worker slot has a PSS series with a positive value in the sidecar's /metrics.
+/// Each worker slot has a PSS series with a positive value in the sidecar's /metrics. The
+/// sidecar serves a read up to 10 s old while it reads afresh (docs/METRICS.md), and a
+/// Prometheus may have scraped it before the workers booted: a few reads may come first.
 async fn metrics_have_worker_pss(
     sidecar: &forkscope_sidecar::Client,
     server: &str,
     workers: u32,
 ) -> anyhow::Result<Vec<Sample>> {
-    let scraped = samples(&sidecar.metrics_text().await?);
-    for slot in 0..workers {
-        let slot = slot.to_string();
-        let labels = [
-            ("server", server),
-            ("role", "worker"),
-            ("slot", slot.as_str()),
-        ];
-        let pss = value(&scraped, "forkscope_process_pss_bytes", &labels)
-            .with_context(|| format!("no PSS series for {labels:?}"))?;
-        ensure!(pss > 0.0, "PSS of slot {slot}: {pss}");
-    }
-    Ok(scraped)
+    let missing = |scraped: &[Sample]| {
+        (0..workers).find_map(|slot| {
+            let slot = slot.to_string();
+            let labels = [
+                ("server", server),
+                ("role", "worker"),
+                ("slot", slot.as_str()),
+            ];
+            match value(scraped, "forkscope_process_pss_bytes", &labels) {
+                Some(pss) if pss > 0.0 => None,
+                other => Some(format!("PSS of {labels:?}: {other:?}")),
+            }
+        })
+    };
+    let last = std::sync::Mutex::new(String::new());
+    let found = wait::until(
+        "every worker's PSS in /metrics",
+        Duration::from_secs(30),
+        || {
+            let last = &last;
+            async move {
+                let scraped = samples(&sidecar.metrics_text().await.map_err(tool)?);
+                match missing(&scraped) {
+                    None => Ok(Some(scraped)),
+                    Some(why) => {
+                        *last.lock().expect("not poisoned") = why;
+                        Ok(None)
+                    }
+                }
+            }
+        },
+    )
+    .await;
+    found.with_context(|| last.lock().expect("not poisoned").clone())
 }
 
 fn pod_name(pod: &Pod) -> anyhow::Result<&str> {
