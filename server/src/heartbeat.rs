@@ -13,9 +13,14 @@ pub use crate::slot_table::MAX_SLOTS;
 
 /// Milliseconds on the system-wide monotonic clock (the same in every process).
 pub fn now_ms() -> u64 {
+    monotonic().as_millis() as u64
+}
+
+/// The system-wide monotonic clock (the same in every process).
+pub fn monotonic() -> std::time::Duration {
     let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .expect("CLOCK_MONOTONIC is always available on Linux");
-    (ts.tv_sec() as u64) * 1000 + (ts.tv_nsec() as u64) / 1_000_000
+    std::time::Duration::new(ts.tv_sec() as u64, ts.tv_nsec() as u32)
 }
 
 /// The last beat of each slot, in monotonic milliseconds (0 = never).

@@ -18,6 +18,22 @@ use crate::dashboard::grafana::Dashboard;
 use crate::dashboard::scrape::Scraping;
 
 /// The line of `examples/leaky_app.py` that allocates what the app leaks (1-based).
+/// The request's top site is the leak line of examples/leaky_app.py; that site.
+fn ensure_leak_on_top(
+    status: &forkscope_operator::crd::ProfileRequestStatus,
+) -> anyhow::Result<String> {
+    let site = format!("leaky_app.py:{}", leak_line()?);
+    ensure!(
+        status
+            .top_site
+            .as_deref()
+            .is_some_and(|s| s.ends_with(&site)),
+        "top site {:?}, want {site}: {status:#?}",
+        status.top_site
+    );
+    Ok(site)
+}
+
 fn leak_line() -> anyhow::Result<u32> {
     let source = std::fs::read_to_string(cluster::repo_path("examples/leaky_app.py"))?;
     let index = source
@@ -489,15 +505,7 @@ async fn the_users_whole_flow_on_the_real_node() -> anyhow::Result<()> {
     let done = with_operator_log(done, release_ns).await?;
     let status = done.status.unwrap_or_default();
     ensure!(status.phase == Some(Phase::Succeeded), "{status:#?}");
-    let site = format!("leaky_app.py:{}", leak_line()?);
-    ensure!(
-        status
-            .top_site
-            .as_deref()
-            .is_some_and(|s| s.ends_with(&site)),
-        "top site {:?}, want {site}: {status:#?}",
-        status.top_site
-    );
+    let site = ensure_leak_on_top(&status)?;
     let table = node::kubectl_ok(["get", "profilerequests", "-n", &ns]).await?;
     ensure!(
         table.contains("Succeeded") && table.contains(&site),
@@ -704,15 +712,7 @@ async fn a_profile_request_finds_the_leak_in_a_gunicorn_pod_made_profilable_by_o
         status.pods.iter().map(|p| p.workers.len()).sum::<usize>() == 2,
         "both gunicorn workers profiled: {status:#?}"
     );
-    let site = format!("leaky_app.py:{}", leak_line()?);
-    ensure!(
-        status
-            .top_site
-            .as_deref()
-            .is_some_and(|s| s.ends_with(&site)),
-        "top site {:?}, want {site}: {status:#?}",
-        status.top_site
-    );
+    ensure_leak_on_top(&status)?;
     Ok(())
 }
 

@@ -157,9 +157,9 @@ impl Shared {
         }
     }
 
-    /// Books that loop `index` entered a request (`true`) or left it.
-    fn set_busy(&self, index: usize, busy: bool) {
-        let now = if busy { crate::heartbeat::now_ms() } else { 0 };
+    /// Books that loop `index` entered a request at `since` (monotonic clock), or left it.
+    fn set_busy(&self, index: usize, since: Option<Duration>) {
+        let now = since.map_or(0, |t| t.as_millis() as u64);
         self.busy_since[index].store(now, Ordering::Relaxed);
         if self.busy_since.len() == 1
             && let Some(load) = &self.id.load
@@ -713,12 +713,13 @@ impl EventLoop {
                     if self.shared.config.threads > 1 {
                         self.hand_off_fresh(key);
                     }
-                    self.shared.set_busy(self.index, true);
+                    // One clock read serves the heartbeat, the load table and the duration.
+                    let started = crate::heartbeat::monotonic();
+                    self.shared.set_busy(self.index, Some(started));
                     let counts = self.shared.id.requests;
-                    let started = counts.map(|c| {
+                    if let Some(c) = counts {
                         c.begin();
-                        Instant::now()
-                    });
+                    }
                     let turn = (self.shared.config.threads > 1 && !self.gil_held)
                         .then(|| self.shared.gil_queue.lock());
                     let done = Python::attach(|py| {
@@ -730,9 +731,10 @@ impl EventLoop {
                             }
                         }
                     });
-                    self.shared.set_busy(self.index, false);
-                    if let (Some(c), Some(t)) = (counts, started) {
-                        c.end(done.status, t.elapsed(), done.bytes_sent, done.raised);
+                    self.shared.set_busy(self.index, None);
+                    if let Some(c) = counts {
+                        let took = crate::heartbeat::monotonic().saturating_sub(started);
+                        c.end(done.status, took, done.bytes_sent, done.raised);
                     }
                     if !self.complete(key, done) {
                         return;
