@@ -57,6 +57,54 @@ fn hello_and_environ_match_pep_3333_and_gunicorn() {
     assert_eq!(env["wsgi.input_terminated"], true);
 }
 
+/// A worker reuses the strings of one request for the next and copies each environ from a
+/// template holding the usual values: nothing of one request may show in another's environ.
+#[test]
+fn one_requests_environ_never_shows_in_the_next() {
+    let s = ServerBuilder::new("app:app").start();
+    let unusual = |addr| -> serde_json::Value {
+        let raw = "POST /environ/one?x=1 HTTP/1.0\r\nHost: example.com:8080\r\n\
+                   X-Forwarded-Proto: https\r\nUser-Agent: first\r\nX-Only-First: yes\r\n\
+                   Content-Length: 0\r\n\r\n";
+        let out = send_raw(addr, raw.as_bytes());
+        let (r, _) = parse_one(&out, false).expect("a response");
+        serde_json::from_slice(&r.body).expect("json")
+    };
+    let usual = |addr| -> serde_json::Value {
+        let r = request(addr, "GET", "/environ", &[("User-Agent", "second")], b"");
+        serde_json::from_slice(&r.body).expect("json")
+    };
+    // Twice each, alternating: the second of each kind is served from reused strings.
+    for _ in 0..2 {
+        let env = unusual(s.addr);
+        assert_eq!(env["REQUEST_METHOD"], "POST");
+        assert_eq!(env["QUERY_STRING"], "x=1");
+        assert_eq!(env["SERVER_PROTOCOL"], "HTTP/1.0");
+        assert_eq!(env["wsgi.url_scheme"], "https");
+        assert_eq!(env["SERVER_NAME"], "example.com");
+        assert_eq!(env["SERVER_PORT"], "8080");
+        assert_eq!(env["HTTP_USER_AGENT"], "first");
+        assert_eq!(env["HTTP_X_ONLY_FIRST"], "yes");
+
+        let env = usual(s.addr);
+        assert_eq!(env["REQUEST_METHOD"], "GET");
+        assert_eq!(env["QUERY_STRING"], "");
+        assert_eq!(env["SERVER_PROTOCOL"], "HTTP/1.1");
+        assert_eq!(env["wsgi.url_scheme"], "http");
+        assert_eq!(env["SERVER_NAME"], "127.0.0.1");
+        assert_eq!(env["SERVER_PORT"], s.addr.port().to_string());
+        assert_eq!(env["PATH_INFO"], "/environ");
+        assert_eq!(env["HTTP_USER_AGENT"], "second");
+        assert!(env.get("HTTP_X_ONLY_FIRST").is_none(), "{env}");
+        assert!(env.get("HTTP_X_FORWARDED_PROTO").is_none(), "{env}");
+        let map = env.as_object().expect("an object");
+        for (key, value) in map {
+            assert!(!value.is_null(), "{key} has no value: {env}");
+            assert!(!key.starts_with("forkscope."), "{key} is not WSGI: {env}");
+        }
+    }
+}
+
 #[test]
 fn percent_encoded_paths_are_decoded_as_latin1() {
     let s = ServerBuilder::new("app:app").start();

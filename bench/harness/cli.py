@@ -43,7 +43,12 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=int, default=None, help="seconds per measured wrk run (default 10)")
     p.add_argument("--warmup", type=int, default=None, help="seconds of wrk warm-up (default 3)")
     p.add_argument("--rounds", type=int, default=None, help="rounds of interleaved runs (default 3)")
-    p.add_argument("--connections", type=int, default=32, help="wrk -c (default 32)")
+    p.add_argument("--connections", type=int, default=32, help="wrk -c and oha -c (default 32)")
+    p.add_argument("--rate", type=int, default=4000,
+                   help="requests/s of the fixed-rate latency run after each measured run of "
+                        f"{', '.join(throughput.FIXED_RATE_SERVERS)} (oha; default 4000, 0: none)")
+    p.add_argument("--rate-duration", type=int, default=None,
+                   help="seconds of each fixed-rate run (default 5)")
     p.add_argument("--wrk-threads", type=int, default=1, help="wrk -t (default 1)")
     p.add_argument("--only", choices=["throughput", "memory"], default=None,
                    help="measure only one of the two tables")
@@ -63,11 +68,17 @@ def run_parser() -> argparse.ArgumentParser:
 MEMORY_SECONDS = 8
 
 
-def describe_plan(samples: int, memory_configs: int, params: throughput.Params) -> str:
+def describe_plan(
+    samples: int, memory_configs: int, params: throughput.Params, fixed_rate_samples: int = 0
+) -> str:
     """One line: how many runs, and roughly how long they take."""
-    seconds = throughput.estimate_seconds(samples, params) + memory_configs * MEMORY_SECONDS
+    seconds = throughput.estimate_seconds(samples, params, fixed_rate_samples)
+    seconds += memory_configs * MEMORY_SECONDS
+    fixed = ""
+    if params.rate > 0 and fixed_rate_samples:
+        fixed = f", {fixed_rate_samples} of them followed by {params.rate_duration} s at {params.rate} req/s,"
     return (
-        f"{samples} throughput runs ({params.warmup} s warm-up + {params.duration} s each) and "
+        f"{samples} throughput runs ({params.warmup} s warm-up + {params.duration} s each){fixed} and "
         f"{memory_configs} memory configurations: about {seconds / 60:.0f} min, build not counted"
     )
 
@@ -81,7 +92,9 @@ def main_run(argv: list[str]) -> int:
     duration = args.duration or (2 if args.quick else 10)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     rounds = args.rounds or (1 if args.quick else 3)
-    params = throughput.Params(duration, warmup, rounds, args.connections, args.wrk_threads, args.workers)
+    rate_duration = args.rate_duration or (2 if args.quick else 5)
+    params = throughput.Params(duration, warmup, rounds, args.connections, args.wrk_threads, args.workers,
+                               args.rate, rate_duration)  # fmt: skip
 
     apps = [a for a in throughput.APPS if a.key in args.apps]
     unknown = set(args.apps) - {a.key for a in throughput.APPS}
@@ -102,7 +115,8 @@ def main_run(argv: list[str]) -> int:
         log("nothing selected")
         return 2
     planned = throughput.plan(tp_servers, apps, params)
-    log(f"plan: {describe_plan(len(planned), len(mem_configs), params)}")
+    fixed_rate = [p for p in planned if p[3].key in throughput.FIXED_RATE_SERVERS] if args.rate > 0 else []
+    log(f"plan: {describe_plan(len(planned), len(mem_configs), params, len(fixed_rate))}")
     if args.dry_run:
         for rnd, app, workers, server in planned:
             if rnd == 1:
@@ -111,6 +125,7 @@ def main_run(argv: list[str]) -> int:
 
     venv = environment.ensure_venv(BENCH / "requirements.txt")
     wrk = environment.ensure_wrk()
+    oha = environment.ensure_oha() if fixed_rate else None
     nginx, nginx_without = None, frozenset()
     if any(server.key == "nginx" for _, _, _, server in planned):
         nginx = environment.ensure_nginx()
@@ -151,9 +166,10 @@ def main_run(argv: list[str]) -> int:
         "provisional": provisional,
         "params": {"duration": duration, "warmup": warmup, "rounds": rounds,
                    "connections": args.connections, "wrk_threads": args.wrk_threads,
-                   "workers": list(args.workers)},
+                   "workers": list(args.workers), "rate": args.rate,
+                   "rate_duration": rate_duration},
         "machine": environment.machine(),
-        "versions": environment.versions(venv, wrk, forkscope, ROOT, nginx),
+        "versions": environment.versions(venv, wrk, forkscope, ROOT, nginx, oha),
         "loadavg_start": processes.loadavg(),
     }  # fmt: skip
 
@@ -168,7 +184,7 @@ def main_run(argv: list[str]) -> int:
         if tp_servers and apps:
             log(f"throughput: {', '.join(s.key for s in tp_servers)} × {', '.join(a.key for a in apps)} "
                 f"× workers {list(args.workers)} × {rounds} round(s) of {duration} s")  # fmt: skip
-            raw["throughput"] = throughput.measure(ctx, wrk, tp_servers, apps, params)
+            raw["throughput"] = throughput.measure(ctx, wrk, tp_servers, apps, params, oha)
         if mem_configs or skipped:
             log(f"memory: {', '.join(c.key for c in mem_configs)}")
             raw["memory"] = memory.measure(ctx, mem_configs)

@@ -4,6 +4,7 @@
   (gunicorn, granian, uWSGI which compiles against the Python headers, bjoern which compiles
   against Debian's libev-dev, Flask), reused while the requirements file is unchanged;
 - wrk, and nginx (Debian's nginx-light) when nginx is measured, from Debian when not on PATH;
+- oha (the fixed-rate load generator) from crates.io with `cargo install`, cached;
 - forkscope-server, built with `cargo build --release -p forkscope-server`.
 """
 
@@ -95,6 +96,26 @@ def ensure_wrk() -> str:
     return _ensure_tool("wrk", "wrk")
 
 
+# The fixed-rate load generator: oha from crates.io, built once into the cache.
+OHA_VERSION = "1.16.0"
+
+
+def ensure_oha() -> str:
+    """Path of oha OHA_VERSION: `cargo install`ed under the cache when not there yet (about
+    5 minutes on 2 cores, once)."""
+    root = cache_dir() / "tools" / f"oha-{OHA_VERSION}"
+    binary = root / "bin" / "oha"
+    if os.access(binary, os.X_OK):
+        return str(binary)
+    log(f"cargo install oha {OHA_VERSION} (once, into {root})")
+    subprocess.run(
+        ["cargo", "install", "--quiet", "--locked", "oha", "--version", OHA_VERSION, "--root", str(root)],
+        check=True,
+        env=dict(os.environ, CARGO_TARGET_DIR=str(cache_dir() / "tools" / "oha-build")),
+    )
+    return str(binary)
+
+
 def ensure_nginx() -> str:
     """Path of nginx; installs Debian's `nginx-light` (the smallest build) when it is missing.
 
@@ -148,7 +169,12 @@ def _first_line(argv: list[str]) -> str:
 
 
 def versions(
-    venv: Path, wrk: str, forkscope: Path | None, root: Path, nginx: str | None = None
+    venv: Path,
+    wrk: str,
+    forkscope: Path | None,
+    root: Path,
+    nginx: str | None = None,
+    oha: str | None = None,
 ) -> dict[str, str]:
     """The version of every server, framework and tool measured."""
     py = str(venv / "bin" / "python")
@@ -167,6 +193,8 @@ def versions(
     wrk_line = _first_line([wrk, "-v"])
     m = re.match(r"wrk\s+(\S+)", wrk_line)
     out["wrk"] = m.group(1) if m else wrk_line
+    if oha is not None:
+        out["oha"] = _first_line([oha, "--version"]).removeprefix("oha ")
     if nginx is not None:
         out["nginx"] = _first_line([nginx, "-v"]).removeprefix("nginx version: nginx/")
     if forkscope is not None:

@@ -1,17 +1,27 @@
 """Throughput and latency: every server under wrk, interleaved per round, raw samples out.
 
 One sample = one server started fresh for one (round, app, worker count): readiness by polling
-(port, then a 200), a warm-up wrk run, the measured `wrk --latency` run, then the server is
-stopped by PID. The servers' order rotates from round to round so none always runs first.
+(port, then a 200), a warm-up wrk run, the measured `wrk --latency` run, then (for the servers in
+FIXED_RATE_SERVERS) a run at a fixed request rate, then the server is stopped by PID. The
+servers' order rotates from round to round so none always runs first.
 
 During the measured run the CPU of every process of the server's tree is recorded (leader and
 each worker). Every app counts its calls (bench/apps/counting.py): the calls made during the
 measured run must match the requests wrk reports, or the sample is an error. (nginx, which
 answers without the app, is not counted.)
+
+wrk is a closed loop: each connection sends its next request when the last answer arrives, so a
+server's p99 there is taken at the load that server itself sustains, and on a 2-core machine a
+fast server shares the cores with wrk (more waiting for a core) where a slow one leaves wrk a
+core of its own. The fixed-rate run compares latency at the same offered load for every server:
+oha (crates.io) sends `rate` requests per second over the same number of connections, whatever
+the answers do, and with `--latency-correction` counts a request's latency from when it was due
+to be sent, so a stall is not hidden by the requests it held back (coordinated omission).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -40,13 +50,14 @@ class App:
     probe_body: bytes | None = None
     expect: bytes | None = None  # the body a correct answer to the probe carries
     counts: bool = True  # counts its calls when BENCH_COUNT_DIR is set (bench/apps/counting.py)
+    rate_body: bytes | None = None  # the body of the fixed-rate run's requests (wrk's script's)
 
 
 APPS = [
     App("hello", "hello world (13-byte body)", "hello:app", expect=b"Hello, World!"),
     App("big", "64 KiB response", "big:app", expect=bytes(range(256)) * 256),
     App("echo", "POST echo (1 KiB body)", "echo:app", "POST", "/", "wrk/post.lua",
-        b"probe-" * 200, b"probe-" * 200),
+        b"probe-" * 200, b"probe-" * 200, rate_body=b"forkscope-bench!" * 64),
     App("flask", "Flask hello", "flask_hello:app", expect=b"Hello, World!"),
 ]
 
@@ -59,6 +70,13 @@ class Params:
     connections: int
     wrk_threads: int
     workers: tuple[int, ...]
+    rate: int = 0  # requests/s of the fixed-rate run; 0: none
+    rate_duration: int = 5  # seconds of the fixed-rate run
+
+
+# The servers measured at a fixed rate as well: forkscope and the references of the latency
+# goals (granian, uWSGI), bjoern on one worker, nginx as the floor.
+FIXED_RATE_SERVERS = ("forkscope", "granian", "uwsgi", "bjoern", "nginx")
 
 
 _UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
@@ -106,6 +124,51 @@ def run_wrk(wrk: str, url: str, seconds: int, params: Params, script: Path | Non
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
     return done.stdout
+
+
+def parse_oha(text: str, rate: int) -> dict[str, object]:
+    """The fixed-rate run's figures from `oha --output-format json`: the target and achieved
+    rate, latency percentiles (ms), and the requests that failed (those cut off by the end of
+    the run excepted)."""
+    data = json.loads(text)
+    pct = data.get("latencyPercentiles") or {}
+    codes = data.get("statusCodeDistribution") or {}
+    errors = {k: v for k, v in (data.get("errorDistribution") or {}).items() if k != "aborted due to deadline"}
+    out: dict[str, object] = {
+        "rate": rate,
+        "achieved": float(data["summary"]["requestsPerSec"]),
+        "requests": sum(codes.values()),
+        "non_2xx": sum(v for k, v in codes.items() if not k.startswith("2")),
+        "errors": sum(errors.values()),
+    }
+    for key, name in (("p50", "p50_ms"), ("p99", "p99_ms"), ("p99.9", "p999_ms")):
+        if pct.get(key) is not None:
+            out[name] = float(pct[key]) * 1000.0
+    if errors:
+        out["error_kinds"] = errors
+    return out
+
+
+def run_oha(oha: str, url: str, params: Params, app: App, body: Path | None) -> str:
+    argv = [oha, "--no-tui", "--output-format", "json", "-z", f"{params.rate_duration}s",
+            "-c", str(params.connections), "-q", str(params.rate), "--latency-correction",
+            "-m", app.method]  # fmt: skip
+    if body is not None:
+        argv += ["-D", str(body), "-T", "application/octet-stream"]
+    argv.append(url)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=params.rate_duration + 60)
+    if done.returncode != 0:
+        raise RuntimeError(f"oha failed ({done.returncode}): {done.stderr or done.stdout}")
+    return done.stdout
+
+
+def oha_command(params: Params, app: App) -> str:
+    """The fixed-rate command as the document shows it."""
+    body = " -D BODY -T application/octet-stream" if app.rate_body is not None else ""
+    return (
+        f"oha -z {params.rate_duration}s -c {params.connections} -q {params.rate} "
+        f"--latency-correction -m {app.method}{body} http://127.0.0.1:PORT{app.path}"
+    )
 
 
 def wrk_command(params: Params, app: App) -> str:
@@ -161,7 +224,13 @@ def _settled_calls(directory: Path, quiet_s: float = 0.2, deadline_s: float = 3.
 
 
 def measure_one(
-    ctx: servers.Context, wrk: str, server: servers.Server, app: App, workers: int, params: Params
+    ctx: servers.Context,
+    wrk: str,
+    server: servers.Server,
+    app: App,
+    workers: int,
+    params: Params,
+    oha: str | None = None,
 ) -> dict[str, object]:
     port = processes.free_port(ctx.host)
     argv = servers.command(server, ctx, app.target, workers, port)
@@ -212,6 +281,13 @@ def measure_one(
             problem = check_calls(sample["app_calls"], sample.get("requests", -1), params.connections)
             if problem:
                 raise RuntimeError(f"counting check failed: {problem}")
+        if oha is not None and params.rate > 0 and server.key in FIXED_RATE_SERVERS:
+            body = None
+            if app.rate_body is not None:
+                body = ctx.scratch / f"body-{app.key}"
+                body.write_bytes(app.rate_body)
+            sample["fixed_rate"] = parse_oha(run_oha(oha, url, params, app, body), params.rate)
+            running.check_alive()
     except (processes.ServerFailed, RuntimeError, ValueError, subprocess.TimeoutExpired) as e:
         sample["error"] = str(e)
         log(f"  ERROR {server.key} {app.key} w={workers}: {str(e).splitlines()[0]}")
@@ -226,12 +302,13 @@ def measure(
     chosen: list[servers.Server],
     apps: list[App],
     params: Params,
+    oha: str | None = None,
 ) -> list[dict[str, object]]:
     """All samples: for each round, app and worker count, every server once (rotated order)."""
     samples = []
     total = len(plan(chosen, apps, params))
     for n, (rnd, app, workers, server) in enumerate(plan(chosen, apps, params), 1):
-        sample = measure_one(ctx, wrk, server, app, workers, params)
+        sample = measure_one(ctx, wrk, server, app, workers, params, oha)
         sample["round"] = rnd
         samples.append(sample)
         if "rps" in sample and "error" not in sample:
@@ -243,6 +320,13 @@ def measure(
                 f"p50 {sample.get('p50_ms', 0):.2f} ms, p99 {sample.get('p99_ms', 0):.2f} ms, "
                 f"CPU {cpu_shares(cpu)}"
             )
+            fixed = sample.get("fixed_rate")
+            if fixed:
+                log(
+                    f"    at {fixed['rate']} req/s: achieved {fixed['achieved']:.0f}, "
+                    f"p50 {fixed.get('p50_ms', 0):.2f} ms, p99 {fixed.get('p99_ms', 0):.2f} ms, "
+                    f"p99.9 {fixed.get('p999_ms', 0):.2f} ms"
+                )
     return samples
 
 
@@ -267,9 +351,11 @@ def plan(
 SAMPLE_OVERHEAD_S = 1.5
 
 
-def estimate_seconds(samples: int, params: Params) -> float:
-    """How long the throughput samples take: warm-up, measured run and overhead each."""
-    return samples * (params.warmup + params.duration + SAMPLE_OVERHEAD_S)
+def estimate_seconds(samples: int, params: Params, fixed_rate_samples: int = 0) -> float:
+    """How long the throughput samples take: warm-up, measured run and overhead each, and the
+    fixed-rate runs of those that have one (with a second to start and stop oha)."""
+    fixed = fixed_rate_samples * (params.rate_duration + 1) if params.rate > 0 else 0
+    return samples * (params.warmup + params.duration + SAMPLE_OVERHEAD_S) + fixed
 
 
 def worker_shares(cpu: dict) -> tuple[list[float], float]:

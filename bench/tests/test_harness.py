@@ -46,6 +46,30 @@ class ParseWrk(unittest.TestCase):
             throughput.parse_wrk("unable to connect to 127.0.0.1:1 Connection refused")
 
 
+OHA = """{"summary": {"successRate": 1.0, "total": 5.0, "requestsPerSec": 3996.7},
+ "latencyPercentiles": {"p50": 0.000402, "p99": 0.0083, "p99.9": 0.0122},
+ "statusCodeDistribution": {"200": 19000, "503": 3},
+ "errorDistribution": {"aborted due to deadline": 7, "connection reset": 2}}"""
+
+
+class ParseOha(unittest.TestCase):
+    def test_rate_percentiles_and_errors(self):
+        r = throughput.parse_oha(OHA, 4000)
+        self.assertEqual((r["rate"], r["achieved"], r["requests"]), (4000, 3996.7, 19003))
+        self.assertAlmostEqual(r["p50_ms"], 0.402)
+        self.assertAlmostEqual(r["p99_ms"], 8.3)
+        self.assertAlmostEqual(r["p999_ms"], 12.2)
+        # Requests cut off by the end of the run are no error; a reset is, and so is a 503.
+        self.assertEqual((r["errors"], r["non_2xx"]), (2, 3))
+        self.assertTrue(report.saturated(r))
+
+    def test_kept_up(self):
+        r = throughput.parse_oha(OHA.replace(', "503": 3', "").replace(', "connection reset": 2', ""), 4000)
+        self.assertFalse(report.saturated(r))
+        r = throughput.parse_oha(OHA.replace("3996.7", "3700"), 4000)
+        self.assertTrue(report.saturated(r))
+
+
 class Select(unittest.TestCase):
     def keys(self, wanted, by_family=False, table=servers.THROUGHPUT_SERVERS):
         return [s.key for s in servers.select(table, wanted, by_family)]
@@ -157,6 +181,39 @@ class Render(unittest.TestCase):
         self.assertEqual(len(goal), 1)
         self.assertAlmostEqual(goal[0][5], 1.1)
         self.assertFalse(goal[0][6])
+
+    def test_p99_at_a_fixed_rate(self):
+        def fixed(sample, p99, achieved=4000.0):
+            sample["fixed_rate"] = {"rate": 4000, "achieved": achieved, "requests": 20000,
+                                    "non_2xx": 0, "errors": 0, "p50_ms": 0.3, "p99_ms": p99,
+                                    "p999_ms": 2 * p99}  # fmt: skip
+            return sample
+
+        raw = self.raw()
+        raw["meta"]["params"].update(workers=[2, 4], rate=4000, rate_duration=5)
+        raw["throughput"] = [
+            fixed(_sample("forkscope", 1, 60000, "hello", 2), 0.9),
+            fixed(_sample("granian", 1, 50000, "hello", 2), 1.5),
+            fixed(_sample("uwsgi", 1, 16000, "hello", 2), 1.2),
+            fixed(_sample("forkscope", 1, 20000, "flask", 4), 3.0),
+            fixed(_sample("granian", 1, 15000, "flask", 4), 2.5),
+            fixed(_sample("uwsgi", 1, 3000, "flask", 4), 900.0, achieved=3000.0),
+            fixed(_sample("forkscope", 1, 60000, "big", 2), 5.0, achieved=3500.0),
+            fixed(_sample("uwsgi", 1, 13000, "big", 2), 40.0, achieved=3600.0),
+        ]
+        rows = {(r[1], r[2]): r for r in report.goal_rows(report.summarize(raw["throughput"]), [2, 4])
+                if "req/s" in r[0] and r[0].startswith("p99")}  # fmt: skip
+        self.assertEqual(rows[("hello", 2)][3:5], ("0.90", "1.20"))  # the best of the two rivals
+        self.assertTrue(rows[("hello", 2)][6])
+        # uWSGI could not keep up (its p99 is a queue); granian's 2.5 ms is the reference.
+        self.assertEqual(rows[("flask", 4)][4], "2.50")
+        self.assertFalse(rows[("flask", 4)][6])
+        # forkscope below the rate misses, whatever the rival did.
+        self.assertEqual(rows[("big", 2)][4], "saturated")
+        self.assertFalse(rows[("big", 2)][6])
+        text = report.render(raw, "x")
+        self.assertIn("Latency at a fixed 4,000 requests/s", text)
+        self.assertIn("| uWSGI --http-socket | — | | | 0.30 | 900.0 **saturated** | 1800.0 |", text)
 
     def test_uneven_needs_half_an_equal_share(self):
         cpu = _sample("x", 1, 1, cpu=(0.0, 0.6, 0.3, 0.2, 0.1))["cpu"]

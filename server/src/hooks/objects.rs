@@ -292,7 +292,7 @@ pub struct ResponseObject {
 pub fn request_object(head: &crate::http::RequestHead) -> RequestObject {
     let text = |b: &[u8]| b.iter().map(|&c| c as char).collect::<String>();
     RequestObject {
-        method: head.method.clone(),
+        method: head.method.to_string(),
         uri: text(&head.target),
         path: text(&head.path),
         query: text(&head.query),

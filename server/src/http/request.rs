@@ -7,6 +7,7 @@
 //! `Ok(None)`. The worker should call it only when the newly received bytes contain a `\n`,
 //! which keeps a trickling client from costing quadratic time.
 
+use std::borrow::Cow;
 use std::mem::MaybeUninit;
 
 use super::{HttpError, Limits, Version};
@@ -26,8 +27,9 @@ pub enum BodyFraming {
 /// raw pieces stay bytes because PEP 3333 hands them to Python as latin-1.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestHead {
-    /// The method token, case preserved (methods are case-sensitive).
-    pub method: String,
+    /// The method token, case preserved (methods are case-sensitive); the common ones are
+    /// static, so most requests allocate nothing for it.
+    pub method: Cow<'static, str>,
     /// The raw request-target as received (for `RAW_URI` and the access log).
     pub target: Vec<u8>,
     /// The path before `?` (absolute-form reduced to its path, `/` when empty; `*` for
@@ -381,7 +383,7 @@ fn build(
     };
 
     Ok(RequestHead {
-        method: method.to_owned(),
+        method: known_method(method).map_or_else(|| Cow::Owned(method.to_owned()), Cow::Borrowed),
         target: target.to_vec(),
         path,
         query,
@@ -396,6 +398,13 @@ fn build(
 /// Splits the request-target into path and query after checking its form (RFC 9112 3.2):
 /// origin-form `/p?q`, absolute-form `scheme://authority/p?q`, authority-form for CONNECT,
 /// `*` for OPTIONS. A fragment, which clients must not send, is dropped as gunicorn does.
+/// The static name of a common method.
+fn known_method(method: &str) -> Option<&'static str> {
+    ["GET", "POST", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS"]
+        .into_iter()
+        .find(|m| *m == method)
+}
+
 fn split_target(method: &str, target: &[u8]) -> Result<(Vec<u8>, Vec<u8>), HttpError> {
     let without_fragment = match memchr::memchr(b'#', target) {
         Some(i) => &target[..i],

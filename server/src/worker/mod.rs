@@ -16,7 +16,7 @@
 pub mod conn;
 pub mod signals;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,6 +27,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use pyo3::prelude::*;
+use rustc_hash::FxHashMap;
 
 use crate::heartbeat::Heartbeats;
 use crate::http::Limits;
@@ -334,7 +335,8 @@ struct EventLoop {
     gil_held: bool,
     /// CPython's signal wakeup fd (main loop only).
     wakeup: Option<OwnedFd>,
-    conns: HashMap<usize, Conn>,
+    /// By poll token. Looked up on every event: a cheap hash (keys are our own counter).
+    conns: FxHashMap<usize, Conn>,
     next_key: usize,
     max_connections: usize,
     last_sweep: Instant,
@@ -381,7 +383,7 @@ impl EventLoop {
             maybe_queued: false,
             gil_held: false,
             wakeup,
-            conns: HashMap::new(),
+            conns: FxHashMap::default(),
             next_key: FIRST_CONN,
             max_connections,
             last_sweep: Instant::now(),
@@ -928,7 +930,8 @@ fn hooked_request(
     if let Some(post) = &hooks.post_request {
         let _ = crate::hooks::call_hook(py, post, crate::hooks::Hook::PostRequest, || {
             let environ = crate::wsgi::environ::base_environ(py, false, false)?;
-            crate::wsgi::environ::fill(py, &environ, &head, &peer, "")?;
+            let start = crate::wsgi::environ::Start::Base;
+            crate::wsgi::environ::fill(py, &environ, start, &head, &peer, "")?;
             let response = Bound::new(
                 py,
                 crate::hooks::response_object(py, done.status, &done.headers, done.bytes_sent),

@@ -3,9 +3,11 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString, PyTuple};
-use pyo3::{intern, sync::PyOnceLock};
+
+use super::strings::Strings;
 
 use crate::http::{RequestHead, Version};
 
@@ -139,6 +141,64 @@ pub fn base_environ<'py>(
     Ok(env)
 }
 
+/// Keys every request sets ([`fill`] and the WSGI bridge): placeholders in the template.
+const PER_REQUEST_KEYS: [&str; 7] = [
+    "RAW_URI",
+    "REMOTE_ADDR",
+    "SERVER_NAME",
+    "SERVER_PORT",
+    "PATH_INFO",
+    "wsgi.input",
+    "wsgi.early_hints",
+];
+
+/// What the dict given to [`fill`] already holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// A copy of [`request_template`]: the usual values are there, only others are set.
+    Template,
+    /// A base environ: every per-request key is set.
+    Base,
+}
+
+/// The dict each request's environ is copied from: the base environ, the values most requests
+/// share (`GET`, no query, HTTP/1.1, `http`, this worker's SCRIPT_NAME; [`fill`] sets them only
+/// when a request differs), a placeholder for every other key each request sets, and room for
+/// about 20 more (its headers) before the copy must grow.
+///
+/// A copy keeps the table size of its source, and a request adds its keys and headers to it:
+/// from the base alone, each copy grew its table once per request. CPython has no public way
+/// to size a dict, so two keys past the current capacity (21 of a 32-slot table) are inserted,
+/// which doubles the table, and deleted again; the table stays dense enough that `dict.copy()`
+/// still clones it whole instead of inserting key by key.
+///
+/// # Errors
+/// Only if basic Python objects cannot be created.
+pub fn request_template<'py>(
+    py: Python<'py>,
+    multiprocess: bool,
+    multithread: bool,
+    script_name: &str,
+) -> PyResult<Bound<'py, PyDict>> {
+    let env = base_environ(py, multiprocess, multithread)?;
+    env.set_item(intern!(py, "REQUEST_METHOD"), intern!(py, "GET"))?;
+    env.set_item(intern!(py, "QUERY_STRING"), intern!(py, ""))?;
+    env.set_item(intern!(py, "SERVER_PROTOCOL"), intern!(py, "HTTP/1.1"))?;
+    env.set_item(intern!(py, "wsgi.url_scheme"), intern!(py, "http"))?;
+    env.set_item(intern!(py, "SCRIPT_NAME"), script_name)?;
+    for key in PER_REQUEST_KEYS {
+        env.set_item(key, py.None())?;
+    }
+    let grow = ["forkscope.grow.0", "forkscope.grow.1"];
+    for key in grow {
+        env.set_item(key, py.None())?;
+    }
+    for key in grow {
+        env.del_item(key)?;
+    }
+    Ok(env)
+}
+
 /// Decodes bytes as latin-1 into a Python str (PEP 3333's "native string").
 pub fn latin1<'py>(py: Python<'py>, bytes: &[u8]) -> Bound<'py, PyString> {
     if bytes.is_ascii() {
@@ -186,30 +246,57 @@ fn cgi_key(name: &str) -> String {
     key
 }
 
-/// Interned `HTTP_HOST`, the one header nearly every request has.
-static HTTP_HOST: PyOnceLock<Py<PyString>> = PyOnceLock::new();
-
 /// Fills the per-request part of `env` (a copy of the base environ).
+///
+/// The strings come from this thread's [`strings`](super::strings) cache: a value the previous
+/// request on this thread also carried is the same `str` object again.
 ///
 /// # Errors
 /// Only if Python objects cannot be created.
 pub fn fill<'py>(
     py: Python<'py>,
     env: &Bound<'py, PyDict>,
+    start: Start,
     head: &RequestHead,
     peer: &Peer,
     script_name: &str,
 ) -> PyResult<()> {
-    env.set_item(intern!(py, "REQUEST_METHOD"), method_str(py, &head.method))?;
-    env.set_item(intern!(py, "QUERY_STRING"), latin1(py, &head.query))?;
-    env.set_item(intern!(py, "RAW_URI"), latin1(py, &head.target))?;
+    super::strings::with(|strings| fill_with(py, env, start, head, peer, script_name, strings))
+}
+
+fn fill_with<'py>(
+    py: Python<'py>,
+    env: &Bound<'py, PyDict>,
+    start: Start,
+    head: &RequestHead,
+    peer: &Peer,
+    script_name: &str,
+    strings: &mut Strings,
+) -> PyResult<()> {
+    strings.begin();
+    let all = start == Start::Base;
+    if all || head.method != "GET" {
+        env.set_item(intern!(py, "REQUEST_METHOD"), method_str(py, &head.method))?;
+    }
+    if all || !head.query.is_empty() {
+        env.set_item(
+            intern!(py, "QUERY_STRING"),
+            strings.query.latin1(py, &head.query),
+        )?;
+    }
     env.set_item(
-        intern!(py, "SERVER_PROTOCOL"),
-        match head.version {
-            Version::Http10 => intern!(py, "HTTP/1.0"),
-            Version::Http11 => intern!(py, "HTTP/1.1"),
-        },
+        intern!(py, "RAW_URI"),
+        strings.raw_uri.latin1(py, &head.target),
     )?;
+    if all || head.version != Version::Http11 {
+        env.set_item(
+            intern!(py, "SERVER_PROTOCOL"),
+            match head.version {
+                Version::Http10 => intern!(py, "HTTP/1.0"),
+                Version::Http11 => intern!(py, "HTTP/1.1"),
+            },
+        )?;
+    }
 
     let mut host: Option<&[u8]> = None;
     let mut scheme_https = false;
@@ -217,12 +304,6 @@ pub fn fill<'py>(
         // Underscores make `X_Forwarded` and `X-Forwarded` collide in CGI names: a spoofing
         // vector, so such headers are dropped (gunicorn's default `header_map = "drop"`).
         if name.contains('_') {
-            continue;
-        }
-        if name.eq_ignore_ascii_case("host") {
-            host = Some(value);
-            let key = HTTP_HOST.get_or_init(py, || PyString::new(py, "HTTP_HOST").unbind());
-            set_or_join(env, key.bind(py), latin1(py, value))?;
             continue;
         }
         if name.eq_ignore_ascii_case("content-type") {
@@ -233,29 +314,62 @@ pub fn fill<'py>(
             env.set_item(intern!(py, "CONTENT_LENGTH"), latin1(py, value))?;
             continue;
         }
-        if peer.trusted_proxy && is_secure_scheme_header(name, value) {
+        if name.eq_ignore_ascii_case("host") {
+            host = Some(value);
+        } else if peer.trusted_proxy && is_secure_scheme_header(name, value) {
             scheme_https = true;
         }
-        let key = PyString::new(py, &cgi_key(name));
-        set_or_join(env, &key, latin1(py, value))?;
+        let (key, value) = strings.header(py, name, value, || PyString::new(py, &cgi_key(name)));
+        set_or_join(env, &key, value)?;
     }
 
-    let scheme = if scheme_https { "https" } else { "http" };
-    env.set_item(intern!(py, "wsgi.url_scheme"), scheme)?;
+    if all || scheme_https {
+        let scheme = if scheme_https {
+            intern!(py, "https")
+        } else {
+            intern!(py, "http")
+        };
+        env.set_item(intern!(py, "wsgi.url_scheme"), scheme)?;
+    }
 
     match peer.remote {
         Some(addr) => {
-            env.set_item(intern!(py, "REMOTE_ADDR"), addr.ip().to_string())?;
-            env.set_item(intern!(py, "REMOTE_PORT"), addr.port().to_string())?;
+            let ip = addr.ip();
+            // The address's bytes are the key: 4 for IPv4, 16 for IPv6, so they cannot collide.
+            let mut octets = [0u8; 16];
+            let key: &[u8] = match ip {
+                IpAddr::V4(v4) => {
+                    octets[..4].copy_from_slice(&v4.octets());
+                    &octets[..4]
+                }
+                IpAddr::V6(v6) => {
+                    octets.copy_from_slice(&v6.octets());
+                    &octets
+                }
+            };
+            let remote = strings
+                .remote_addr
+                .get_or(py, key, || PyString::new(py, &ip.to_string()));
+            env.set_item(intern!(py, "REMOTE_ADDR"), remote)?;
+            env.set_item(
+                intern!(py, "REMOTE_PORT"),
+                strings.remote_port(py, addr.port()),
+            )?;
         }
-        None => env.set_item(intern!(py, "REMOTE_ADDR"), "")?,
+        None => env.set_item(intern!(py, "REMOTE_ADDR"), intern!(py, ""))?,
     }
 
     let (server_name, server_port) = match host {
-        Some(h) => split_host(h, scheme),
+        Some(h) => strings.server(py, h, scheme_https, || {
+            let (name, port) = split_host(h, if scheme_https { "https" } else { "http" });
+            (PyString::new(py, &name), PyString::new(py, &port))
+        }),
         None => match peer.local {
-            Some(a) => (a.ip().to_string(), a.port().to_string()),
-            None => (String::new(), String::new()),
+            Some(a) => (
+                PyString::new(py, &a.ip().to_string()),
+                PyString::new(py, &a.port().to_string()),
+            ),
+            None => (intern!(py, "").clone(), intern!(py, "").clone()),
         },
     };
     env.set_item(intern!(py, "SERVER_NAME"), server_name)?;
@@ -267,8 +381,13 @@ pub fn fill<'py>(
     } else {
         &path
     };
-    env.set_item(intern!(py, "SCRIPT_NAME"), script_name)?;
-    env.set_item(intern!(py, "PATH_INFO"), latin1(py, path_info))?;
+    if all {
+        env.set_item(intern!(py, "SCRIPT_NAME"), script_name)?;
+    }
+    env.set_item(
+        intern!(py, "PATH_INFO"),
+        strings.path_info.latin1(py, path_info),
+    )?;
     Ok(())
 }
 

@@ -122,6 +122,30 @@ impl WsgiInput {
     }
 }
 
+thread_local! {
+    /// One empty input per thread, shared by its requests without a body (most of them): an
+    /// empty body has no position to move, so no request can tell it from a fresh one.
+    static EMPTY: std::cell::OnceCell<Py<WsgiInput>> = const { std::cell::OnceCell::new() };
+}
+
+/// The `wsgi.input` for `body`: this thread's shared empty input when there is no body.
+///
+/// # Errors
+/// The spilled body cannot be rewound, or the object cannot be created.
+pub fn for_body(py: Python<'_>, body: Body) -> PyResult<Bound<'_, WsgiInput>> {
+    if matches!(&body, Body::Memory(data) if data.is_empty()) {
+        return EMPTY.with(|cell| {
+            if let Some(empty) = cell.get() {
+                return Ok(empty.bind(py).clone());
+            }
+            let empty = Bound::new(py, WsgiInput::new(Body::empty())?)?;
+            let _ = cell.set(empty.clone().unbind());
+            Ok(empty)
+        });
+    }
+    Bound::new(py, WsgiInput::new(body)?)
+}
+
 /// Python passes `-1` or `None` for "no limit".
 fn size_arg(size: Option<isize>) -> Option<usize> {
     size.and_then(|s| usize::try_from(s).ok())

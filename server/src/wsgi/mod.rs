@@ -10,6 +10,7 @@ pub mod file_wrapper;
 pub mod input;
 pub mod output;
 pub mod start_response;
+pub mod strings;
 
 use std::os::fd::RawFd;
 use std::time::Duration;
@@ -21,7 +22,7 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 use crate::http::RequestHead;
 use crate::logging::access::{AccessLog, AccessRecord};
 use environ::Peer;
-use input::{Body, WsgiInput};
+use input::Body;
 use output::Output;
 use start_response::StartResponse;
 
@@ -82,9 +83,9 @@ impl Wsgi {
         write_timeout: Duration,
         access: Option<AccessLog>,
     ) -> PyResult<Self> {
-        let base = environ::base_environ(py, multiprocess, multithread)?.unbind();
         // gunicorn takes SCRIPT_NAME from the process environment (or `-e SCRIPT_NAME=...`).
         let script_name = std::env::var("SCRIPT_NAME").unwrap_or_default();
+        let base = environ::request_template(py, multiprocess, multithread, &script_name)?.unbind();
         Ok(Self {
             app,
             base,
@@ -197,12 +198,16 @@ impl Wsgi {
         response: &Bound<'_, StartResponse>,
     ) -> PyResult<()> {
         let env = self.base.bind(py).copy()?;
-        environ::fill(py, &env, &req.head, &req.peer, &self.script_name)?;
-        let body = std::mem::replace(&mut req.body, Body::empty());
-        env.set_item(
-            pyo3::intern!(py, "wsgi.input"),
-            Bound::new(py, WsgiInput::new(body)?)?,
+        environ::fill(
+            py,
+            &env,
+            environ::Start::Template,
+            &req.head,
+            &req.peer,
+            &self.script_name,
         )?;
+        let body = std::mem::replace(&mut req.body, Body::empty());
+        env.set_item(pyo3::intern!(py, "wsgi.input"), input::for_body(py, body)?)?;
         env.set_item(
             pyo3::intern!(py, "wsgi.early_hints"),
             response.getattr(pyo3::intern!(py, "early_hints"))?,
