@@ -87,9 +87,8 @@ def summarize(samples: list[dict]) -> dict[tuple[str, int, str], dict]:
 
 
 def saturated(run: dict) -> bool:
-    """The server did not keep up with the fixed rate (or answered errors): its percentiles
-    measure a queue, not the server."""
-    return run["achieved"] < 0.95 * run["rate"] or bool(run["errors"]) or bool(run["non_2xx"])
+    """The server did not keep up with the fixed rate: its percentiles measure a queue."""
+    return run["achieved"] < 0.95 * run["rate"]
 
 
 def _fixed_summary(runs: list[dict]) -> dict | None:
@@ -103,6 +102,7 @@ def _fixed_summary(runs: list[dict]) -> dict | None:
         "p99": _median([r["p99_ms"] for r in runs if "p99_ms" in r]),
         "p999": _median([r["p999_ms"] for r in runs if "p999_ms" in r]),
         "saturated": any(saturated(r) for r in runs),
+        "failed_requests": sum(r["errors"] + r["non_2xx"] for r in runs),
         "n": len(runs),
     }
 
@@ -241,8 +241,9 @@ def _fixed_rate_table(summary: dict, app, rows: list, workers: list[int], params
         f"Latency at a fixed {params.rate:,} requests/s (the same offered load for every server; "
         f"median of the rounds): `{oha_command(params, app)}`, right after the measured wrk run on "
         "the same server. p50, p99 and p99.9 in milliseconds, counted from when each request was "
-        "due to be sent. **Saturated**: the server did not keep up with the rate (below 95% of it) "
-        "or answered errors, so its figures measure a queue.",
+        "due to be sent. **Saturated**: the server did not keep up with the rate (below 95% of it), "
+        "so its figures measure a queue. ⚠ N: N requests of the cell's runs failed (a connection "
+        "closed under a request, an error status); oha's reasons are in the raw JSON.",
         "",
         "| server |" + "".join(f" {w} worker{'s' if w != 1 else ''}: p50 | p99 | p99.9 |" for w in workers),
         "| --- |" + " ---: | ---: | ---: |" * len(workers),
@@ -255,6 +256,7 @@ def _fixed_rate_table(summary: dict, app, rows: list, workers: list[int], params
                 row += " — | | |"
                 continue
             mark = " **saturated**" if fixed["saturated"] else ""
+            mark += f" ⚠ {fixed['failed_requests']}" if fixed["failed_requests"] else ""
             row += f" {_fmt_ms(fixed['p50'])} | {_fmt_ms(fixed['p99'])}{mark} | {_fmt_ms(fixed['p999'])} |"
         lines.append(row)
     lines.append("")
