@@ -30,6 +30,10 @@ def _fmt_ms(v: float | None) -> str:
     return f"{v:.2f}" if v < 10 else f"{v:.1f}"
 
 
+def _workers(w: int) -> str:
+    return f"{w} worker" + ("s" if w != 1 else "")
+
+
 def _fmt_ratio(v: float | None) -> str:
     return "—" if v is None else f"{v:.2f}×"
 
@@ -138,8 +142,7 @@ def _throughput_section(raw: dict, lines: list[str]) -> None:
         head = "| server |"
         rule = "| --- |"
         for w in workers:
-            label = f"{w} worker" + ("s" if w != 1 else "")
-            head += f" {label}: req/s | × sync | req/CPU-s | p50 ms | p99 ms |"
+            head += f" {_workers(w)}: req/s | × sync | req/CPU-s | p50 ms | p99 ms |"
             rule += " ---: | ---: | ---: | ---: | ---: |"
         lines += [head, rule]
         for server in rows:
@@ -220,7 +223,7 @@ def _cpu_split_table(summary: dict, app: str, rows: list, workers: list[int], li
         "of one process shows one figure. **Bold**: a worker used less than half of an equal "
         "share of the workers' CPU.",
         "",
-        "| server |" + "".join(f" {w} worker{'s' if w != 1 else ''} |" for w in workers),
+        "| server |" + "".join(f" {_workers(w)} |" for w in workers),
         "| --- |" + " --- |" * len(workers),
     ]
     for server in rows:
@@ -245,7 +248,7 @@ def _fixed_rate_table(summary: dict, app, rows: list, workers: list[int], params
         "so its figures measure a queue. ⚠ N: N requests of the cell's runs failed (a connection "
         "closed under a request, an error status); oha's reasons are in the raw JSON.",
         "",
-        "| server |" + "".join(f" {w} worker{'s' if w != 1 else ''}: p50 | p99 | p99.9 |" for w in workers),
+        "| server |" + "".join(f" {_workers(w)}: p50 | p99 | p99.9 |" for w in workers),
         "| --- |" + " ---: | ---: | ---: |" * len(workers),
     ]
     for server in measured:

@@ -261,134 +261,125 @@ pub fn fill<'py>(
     peer: &Peer,
     script_name: &str,
 ) -> PyResult<()> {
-    super::strings::with(|strings| fill_with(py, env, start, head, peer, script_name, strings))
-}
-
-fn fill_with<'py>(
-    py: Python<'py>,
-    env: &Bound<'py, PyDict>,
-    start: Start,
-    head: &RequestHead,
-    peer: &Peer,
-    script_name: &str,
-    strings: &mut Strings,
-) -> PyResult<()> {
-    strings.begin();
-    let all = start == Start::Base;
-    if all || head.method != "GET" {
-        env.set_item(intern!(py, "REQUEST_METHOD"), method_str(py, &head.method))?;
-    }
-    if all || !head.query.is_empty() {
-        env.set_item(
-            intern!(py, "QUERY_STRING"),
-            strings.query.latin1(py, &head.query),
-        )?;
-    }
-    env.set_item(
-        intern!(py, "RAW_URI"),
-        strings.raw_uri.latin1(py, &head.target),
-    )?;
-    if all || head.version != Version::Http11 {
-        env.set_item(
-            intern!(py, "SERVER_PROTOCOL"),
-            match head.version {
-                Version::Http10 => intern!(py, "HTTP/1.0"),
-                Version::Http11 => intern!(py, "HTTP/1.1"),
-            },
-        )?;
-    }
-
-    let mut host: Option<&[u8]> = None;
-    let mut scheme_https = false;
-    for (name, value) in &head.headers {
-        // Underscores make `X_Forwarded` and `X-Forwarded` collide in CGI names: a spoofing
-        // vector, so such headers are dropped (gunicorn's default `header_map = "drop"`).
-        if name.contains('_') {
-            continue;
+    super::strings::with(|strings: &mut Strings| {
+        strings.begin();
+        let all = start == Start::Base;
+        if all || head.method != "GET" {
+            env.set_item(intern!(py, "REQUEST_METHOD"), method_str(py, &head.method))?;
         }
-        if name.eq_ignore_ascii_case("content-type") {
-            env.set_item(intern!(py, "CONTENT_TYPE"), latin1(py, value))?;
-            continue;
-        }
-        if name.eq_ignore_ascii_case("content-length") {
-            env.set_item(intern!(py, "CONTENT_LENGTH"), latin1(py, value))?;
-            continue;
-        }
-        if name.eq_ignore_ascii_case("host") {
-            host = Some(value);
-        } else if peer.trusted_proxy && is_secure_scheme_header(name, value) {
-            scheme_https = true;
-        }
-        let (key, value) = strings.header(py, name, value, || PyString::new(py, &cgi_key(name)));
-        set_or_join(env, &key, value)?;
-    }
-
-    if all || scheme_https {
-        let scheme = if scheme_https {
-            intern!(py, "https")
-        } else {
-            intern!(py, "http")
-        };
-        env.set_item(intern!(py, "wsgi.url_scheme"), scheme)?;
-    }
-
-    match peer.remote {
-        Some(addr) => {
-            let ip = addr.ip();
-            // The address's bytes are the key: 4 for IPv4, 16 for IPv6, so they cannot collide.
-            let mut octets = [0u8; 16];
-            let key: &[u8] = match ip {
-                IpAddr::V4(v4) => {
-                    octets[..4].copy_from_slice(&v4.octets());
-                    &octets[..4]
-                }
-                IpAddr::V6(v6) => {
-                    octets.copy_from_slice(&v6.octets());
-                    &octets
-                }
-            };
-            let remote = strings
-                .remote_addr
-                .get_or(py, key, || PyString::new(py, &ip.to_string()));
-            env.set_item(intern!(py, "REMOTE_ADDR"), remote)?;
+        if all || !head.query.is_empty() {
             env.set_item(
-                intern!(py, "REMOTE_PORT"),
-                strings.remote_port(py, addr.port()),
+                intern!(py, "QUERY_STRING"),
+                strings.query.latin1(py, &head.query),
             )?;
         }
-        None => env.set_item(intern!(py, "REMOTE_ADDR"), intern!(py, ""))?,
-    }
+        env.set_item(
+            intern!(py, "RAW_URI"),
+            strings.raw_uri.latin1(py, &head.target),
+        )?;
+        if all || head.version != Version::Http11 {
+            env.set_item(
+                intern!(py, "SERVER_PROTOCOL"),
+                match head.version {
+                    Version::Http10 => intern!(py, "HTTP/1.0"),
+                    Version::Http11 => intern!(py, "HTTP/1.1"),
+                },
+            )?;
+        }
 
-    let (server_name, server_port) = match host {
-        Some(h) => strings.server(py, h, scheme_https, || {
-            let (name, port) = split_host(h, if scheme_https { "https" } else { "http" });
-            (PyString::new(py, &name), PyString::new(py, &port))
-        }),
-        None => match peer.local {
-            Some(a) => (
-                PyString::new(py, &a.ip().to_string()),
-                PyString::new(py, &a.port().to_string()),
-            ),
-            None => (intern!(py, "").clone(), intern!(py, "").clone()),
-        },
-    };
-    env.set_item(intern!(py, "SERVER_NAME"), server_name)?;
-    env.set_item(intern!(py, "SERVER_PORT"), server_port)?;
+        let mut host: Option<&[u8]> = None;
+        let mut scheme_https = false;
+        for (name, value) in &head.headers {
+            // Underscores make `X_Forwarded` and `X-Forwarded` collide in CGI names: a spoofing
+            // vector, so such headers are dropped (gunicorn's default `header_map = "drop"`).
+            if name.contains('_') {
+                continue;
+            }
+            if name.eq_ignore_ascii_case("content-type") {
+                env.set_item(intern!(py, "CONTENT_TYPE"), latin1(py, value))?;
+                continue;
+            }
+            if name.eq_ignore_ascii_case("content-length") {
+                env.set_item(intern!(py, "CONTENT_LENGTH"), latin1(py, value))?;
+                continue;
+            }
+            if name.eq_ignore_ascii_case("host") {
+                host = Some(value);
+            } else if peer.trusted_proxy && is_secure_scheme_header(name, value) {
+                scheme_https = true;
+            }
+            let (key, value) =
+                strings.header(py, name, value, || PyString::new(py, &cgi_key(name)));
+            set_or_join(env, &key, value)?;
+        }
 
-    let path = percent_decode(&head.path);
-    let path_info: &[u8] = if !script_name.is_empty() {
-        path.strip_prefix(script_name.as_bytes()).unwrap_or(&path)
-    } else {
-        &path
-    };
-    if all {
-        env.set_item(intern!(py, "SCRIPT_NAME"), script_name)?;
-    }
-    env.set_item(
-        intern!(py, "PATH_INFO"),
-        strings.path_info.latin1(py, path_info),
-    )?;
-    Ok(())
+        if all || scheme_https {
+            let scheme = if scheme_https {
+                intern!(py, "https")
+            } else {
+                intern!(py, "http")
+            };
+            env.set_item(intern!(py, "wsgi.url_scheme"), scheme)?;
+        }
+
+        match peer.remote {
+            Some(addr) => {
+                let ip = addr.ip();
+                // The address's bytes are the key: 4 for IPv4, 16 for IPv6, so they cannot collide.
+                let mut octets = [0u8; 16];
+                let key: &[u8] = match ip {
+                    IpAddr::V4(v4) => {
+                        octets[..4].copy_from_slice(&v4.octets());
+                        &octets[..4]
+                    }
+                    IpAddr::V6(v6) => {
+                        octets.copy_from_slice(&v6.octets());
+                        &octets
+                    }
+                };
+                let remote = strings
+                    .remote_addr
+                    .get_or(py, key, || PyString::new(py, &ip.to_string()));
+                env.set_item(intern!(py, "REMOTE_ADDR"), remote)?;
+                env.set_item(
+                    intern!(py, "REMOTE_PORT"),
+                    strings.remote_port(py, addr.port()),
+                )?;
+            }
+            None => env.set_item(intern!(py, "REMOTE_ADDR"), intern!(py, ""))?,
+        }
+
+        let (server_name, server_port) = match host {
+            Some(h) => strings.server(py, h, scheme_https, || {
+                let (name, port) = split_host(h, if scheme_https { "https" } else { "http" });
+                (PyString::new(py, &name), PyString::new(py, &port))
+            }),
+            None => match peer.local {
+                Some(a) => (
+                    PyString::new(py, &a.ip().to_string()),
+                    PyString::new(py, &a.port().to_string()),
+                ),
+                None => (intern!(py, "").clone(), intern!(py, "").clone()),
+            },
+        };
+        env.set_item(intern!(py, "SERVER_NAME"), server_name)?;
+        env.set_item(intern!(py, "SERVER_PORT"), server_port)?;
+
+        let path = percent_decode(&head.path);
+        let path_info: &[u8] = if !script_name.is_empty() {
+            path.strip_prefix(script_name.as_bytes()).unwrap_or(&path)
+        } else {
+            &path
+        };
+        if all {
+            env.set_item(intern!(py, "SCRIPT_NAME"), script_name)?;
+        }
+        env.set_item(
+            intern!(py, "PATH_INFO"),
+            strings.path_info.latin1(py, path_info),
+        )?;
+        Ok(())
+    })
 }
 
 /// Repeated headers are joined with a comma, as gunicorn does.

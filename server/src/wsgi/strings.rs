@@ -4,7 +4,7 @@
 //! values: the Host, the User-Agent and Accept of a proxy or client library, the path of a hot
 //! endpoint, the proxy's address. A `str` is immutable, so giving the next request that carries
 //! the same bytes the same object is invisible to the app, and saves building one per value per
-//! request (a measurable share of a small request; see docs/BENCHMARKS.md). Each thread keeps
+//! request (a measurable share of a small request; see bench/README.md). Each thread keeps
 //! its own cache: requests run under the GIL, and a thread-local needs no lock.
 
 use std::cell::RefCell;
