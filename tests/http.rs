@@ -220,3 +220,38 @@ fn a_client_that_vanishes_mid_request_costs_nothing() {
     }
     assert_eq!(request(s.addr, "GET", "/pid", &[], b"").text(), pid);
 }
+
+/// A worker writes the responses of one batch of events together, after the batch's requests
+/// ran; a slow request in the batch must not hold the finished responses before it. Here one
+/// worker is held in a request while client A (a fast request) and then client B (a request
+/// that stays in the app until the test releases it) connect: once the worker is free it takes
+/// both in one batch, answers A, and runs B. A's answer must come while B is still in the app
+/// (held back behind B, it would never come: the test releases B only after reading it).
+#[test]
+fn a_finished_response_is_not_held_behind_a_slow_request() {
+    let s = ServerBuilder::new("app:app").start();
+    let busy = Held::start(s.addr);
+    let mut a = TcpStream::connect(s.addr).expect("connect a");
+    a.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write a");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (marker, release) = (dir.path().join("in-app"), dir.path().join("release"));
+    let mut b = TcpStream::connect(s.addr).expect("connect b");
+    write!(
+        b,
+        "GET /hold?marker={}&release={} HTTP/1.1\r\nHost: x\r\n\r\n",
+        marker.display(),
+        release.display()
+    )
+    .expect("write b");
+    assert_eq!(busy.release().text(), "released");
+    a.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let answer = read_response(&mut a);
+    assert_eq!(answer.text(), "Hello, World!");
+    std::fs::write(&release, b"").expect("release b");
+    b.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    assert_eq!(read_response(&mut b).text(), "released");
+    assert!(marker.exists());
+}

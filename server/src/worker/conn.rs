@@ -15,7 +15,7 @@ use crate::http::{self, BodyFraming, ChunkedDecoder, HttpError, Limits, RequestH
 use crate::wsgi::Request;
 use crate::wsgi::environ::Peer;
 use crate::wsgi::input::{Body, SPILL_THRESHOLD};
-use crate::wsgi::output::Output;
+use crate::wsgi::output::{FLUSH_AT, Output};
 
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 16 * 1024;
@@ -158,6 +158,8 @@ pub struct Conn {
     pub last_active: Instant,
     /// Requests served on this connection.
     pub served: u64,
+    /// Listed among the connections whose bytes the event loop writes at the end of its batch.
+    pub write_deferred: bool,
     eof: bool,
     /// The last read returned less than it asked for: the socket had nothing more, and (edge-
     /// triggered) new bytes will come with a new readable event. Saves one read(2) per request.
@@ -179,6 +181,7 @@ impl Conn {
             close_after_write: false,
             last_active: Instant::now(),
             served: 0,
+            write_deferred: false,
             eof: false,
             drained: false,
             hung_up: false,
@@ -230,13 +233,16 @@ impl Conn {
         }
     }
 
-    /// Moves the connection forward as far as it can without blocking.
-    pub fn advance(&mut self, limits: &Limits) -> Next {
+    /// Moves the connection forward as far as it can without blocking. With `defer_writes`,
+    /// response bytes are left in `out` for the caller to write later (unless the connection
+    /// closes after them or they pass [`FLUSH_AT`]), and parsing goes on past them.
+    pub fn advance(&mut self, limits: &Limits, defer_writes: bool) -> Next {
         loop {
             if self.is_busy() {
                 return Next::Wait;
             }
-            if !self.out.is_empty() {
+            let defer = defer_writes && !self.close_after_write && self.out.len() < FLUSH_AT;
+            if !self.out.is_empty() && !defer {
                 let mut output = Output::new(
                     self.stream.fd(),
                     std::mem::take(&mut self.out),
@@ -255,7 +261,7 @@ impl Conn {
             }
             match self.step(limits) {
                 // Bytes queued by this step (a 100 Continue) go out before we wait.
-                Ok(Some(Next::Wait)) if !self.out.is_empty() => {}
+                Ok(Some(Next::Wait)) if !self.out.is_empty() && !defer => {}
                 Ok(Some(next)) => return next,
                 Ok(None) => {}
                 Err(err) => {

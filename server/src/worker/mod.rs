@@ -14,6 +14,7 @@
 //! for longer than `--timeout`: then the leader notices the silence and aborts the worker.
 
 pub mod conn;
+pub mod held_writes;
 pub mod signals;
 
 use std::collections::VecDeque;
@@ -35,6 +36,7 @@ use crate::listeners::Listener;
 use crate::wsgi::environ::{Peer, TrustedProxies};
 use crate::wsgi::{Completion, Wsgi};
 use conn::{Conn, Next, Stream};
+use held_writes::{HeldWrites, Parked};
 
 /// How a worker process ends; the leader reads it from the exit status (gunicorn's numbers).
 #[repr(u8)]
@@ -136,6 +138,8 @@ struct Shared {
     /// With several threads: connections a loop gave up before running a request, for
     /// whichever loop is free first (see [`EventLoop::hand_off_fresh`]).
     handoff: parking_lot::Mutex<VecDeque<Conn>>,
+    /// Responses a loop left for the end of its batch while it runs another request.
+    held: HeldWrites,
 }
 
 impl Shared {
@@ -234,6 +238,7 @@ pub fn serve(
         hooks,
         gil_queue: parking_lot::Mutex::new(()),
         handoff: parking_lot::Mutex::new(VecDeque::new()),
+        held: HeldWrites::start(threads)?,
     });
     let mut loops = Vec::with_capacity(threads);
     for (index, poll) in polls.into_iter().enumerate() {
@@ -333,6 +338,15 @@ struct EventLoop {
     maybe_queued: bool,
     /// The GIL is held for a whole batch of events (see [`Self::handle_events`]).
     gil_held: bool,
+    /// Inside a batch of events: responses are written at its end (see
+    /// [`Self::flush_deferred`]).
+    batching: bool,
+    /// Connections with response bytes left for the end of the batch, and since when the
+    /// oldest waits (monotonic clock).
+    deferred: Vec<usize>,
+    deferred_since: Option<Duration>,
+    /// Reused buffer for the responses taken back from [`HeldWrites`].
+    taken_back: Vec<Parked>,
     /// CPython's signal wakeup fd (main loop only).
     wakeup: Option<OwnedFd>,
     /// By poll token. Looked up on every event: a cheap hash (keys are our own counter).
@@ -382,6 +396,10 @@ impl EventLoop {
             deferring_since: None,
             maybe_queued: false,
             gil_held: false,
+            batching: false,
+            deferred: Vec::new(),
+            deferred_since: None,
+            taken_back: Vec::new(),
             wakeup,
             conns: FxHashMap::default(),
             next_key: FIRST_CONN,
@@ -460,7 +478,16 @@ impl EventLoop {
         self.handle_each(events)
     }
 
+    /// Handles the events of one poll, writing the responses they produced together at the end.
     fn handle_each(&mut self, events: &Events) -> Option<WorkerExit> {
+        self.batching = true;
+        let exit = self.handle_batch(events);
+        self.batching = false;
+        self.flush_deferred();
+        exit
+    }
+
+    fn handle_batch(&mut self, events: &Events) -> Option<WorkerExit> {
         for event in events {
             match event.token() {
                 WAKEUP => {
@@ -694,14 +721,35 @@ impl EventLoop {
             let Some(conn) = self.conns.get_mut(&key) else {
                 return;
             };
-            match conn.advance(&self.shared.config.limits) {
-                Next::Wait => return,
+            match conn.advance(&self.shared.config.limits, self.batching) {
+                Next::Wait => {
+                    if self.batching && !conn.out.is_empty() && !conn.write_deferred {
+                        conn.write_deferred = true;
+                        self.deferred.push(key);
+                        self.deferred_since
+                            .get_or_insert_with(crate::heartbeat::monotonic);
+                    }
+                    return;
+                }
                 Next::Close => {
                     self.close(key);
                     return;
                 }
                 Next::Dispatch(mut req) => {
                     crate::failpoint::check("request", &req.head.path);
+                    // One clock read serves the write deferral, the heartbeat, the load table
+                    // and the duration.
+                    let started = crate::heartbeat::monotonic();
+                    if self
+                        .deferred_since
+                        .is_some_and(|t| started.saturating_sub(t) >= held_writes::AT_MOST)
+                    {
+                        self.flush_deferred();
+                    }
+                    let parked = self.park_deferred(key);
+                    let Some(conn) = self.conns.get_mut(&key) else {
+                        return;
+                    };
                     // The last response before the worker goes says `Connection: close`, so
                     // the client does not send another request on a connection about to close.
                     let max = self.shared.config.max_requests;
@@ -715,8 +763,6 @@ impl EventLoop {
                     if self.shared.config.threads > 1 {
                         self.hand_off_fresh(key);
                     }
-                    // One clock read serves the heartbeat, the load table and the duration.
-                    let started = crate::heartbeat::monotonic();
                     self.shared.set_busy(self.index, Some(started));
                     let counts = self.shared.id.requests;
                     if let Some(c) = counts {
@@ -734,14 +780,82 @@ impl EventLoop {
                         }
                     });
                     self.shared.set_busy(self.index, None);
+                    if parked {
+                        self.take_back_parked();
+                    }
                     if let Some(c) = counts {
                         let took = crate::heartbeat::monotonic().saturating_sub(started);
                         c.end(done.status, took, done.bytes_sent, done.raised);
                     }
                     if !self.complete(key, done) {
+                        // Exiting now: what the request left unwritten is tried once.
+                        if let Some(conn) = self.conns.get_mut(&key) {
+                            let _ = conn.advance(&self.shared.config.limits, false);
+                        }
                         return;
                     }
                 }
+            }
+        }
+    }
+
+    /// Writes the responses left for the end of the batch. Writing them together, after the
+    /// batch's requests ran, wakes each client once per batch instead of once per response
+    /// while the worker is busy (a cross-CPU wake-up of the client per `write` was the largest
+    /// kernel cost of a busy worker). Bytes the socket does not take wait for its writable
+    /// event as usual.
+    fn flush_deferred(&mut self) {
+        self.deferred_since = None;
+        if self.deferred.is_empty() {
+            return;
+        }
+        let batching = std::mem::replace(&mut self.batching, false);
+        let mut keys = std::mem::take(&mut self.deferred);
+        for &key in &keys {
+            if let Some(conn) = self.conns.get_mut(&key) {
+                conn.write_deferred = false;
+                self.drive(key);
+            }
+        }
+        keys.clear();
+        // Nothing was deferred while not batching: the list is empty and its buffer is kept.
+        self.deferred = keys;
+        self.batching = batching;
+    }
+
+    /// Before running `running`'s request: parks the other connections' unwritten responses
+    /// with the timer thread, which writes them if the request outlasts their wait (see
+    /// [`held_writes`]). Returns true when something was parked.
+    fn park_deferred(&mut self, running: usize) -> bool {
+        let Some(since) = self.deferred_since else {
+            return false;
+        };
+        let conns = &mut self.conns;
+        let mut parked = self
+            .deferred
+            .iter()
+            .filter(|&&k| k != running)
+            .filter_map(|&k| {
+                let conn = conns.get_mut(&k)?;
+                (!conn.out.is_empty())
+                    .then(|| Parked::new(k, conn.stream.fd(), std::mem::take(&mut conn.out)))
+            })
+            .peekable();
+        if parked.peek().is_none() {
+            return false;
+        }
+        self.shared.held.park(self.index, since, parked);
+        true
+    }
+
+    /// After a request: the parked bytes the timer did not write go back to their connections.
+    fn take_back_parked(&mut self) {
+        self.shared.held.take_back(self.index, &mut self.taken_back);
+        for p in self.taken_back.drain(..) {
+            if let Some(conn) = self.conns.get_mut(&p.key) {
+                let mut bytes = p.bytes;
+                bytes.append(&mut conn.out);
+                conn.out = bytes;
             }
         }
     }

@@ -42,7 +42,7 @@ pub struct Request {
 pub struct Completion {
     /// The connection may serve another request.
     pub keep_alive: bool,
-    /// Response bytes the socket did not take yet; the event loop sends them.
+    /// Response bytes not written yet; the event loop sends them.
     pub pending: Vec<u8>,
     /// The status code sent (500 when the app failed before its head).
     pub status: u16,
@@ -181,12 +181,8 @@ impl Wsgi {
         }
         // Moved, not copied: the response state ends here.
         done.headers = state.take_headers();
-        // Try once now; whatever is left is the event loop's to send.
-        if let Err(e) = state.out.try_flush() {
-            log::debug!("client went away: {e}");
-            done.keep_alive = false;
-            state.out.buf.clear();
-        }
+        // What is not written yet is the event loop's to send: it writes the responses of one
+        // batch of events together (see `worker::EventLoop::flush_deferred`).
         done.pending = std::mem::take(&mut state.out.buf);
         done
     }
