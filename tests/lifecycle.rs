@@ -1218,3 +1218,56 @@ fn hup_with_an_invalid_config_file_keeps_the_current_settings() {
     );
     assert_eq!(get(s.addr, "/").as_deref(), Ok("configured"));
 }
+
+/// A worker that serves its last request under `--max-requests` takes no more clients, even
+/// ones already queued when that request ends: they are the next worker's. (Its last request
+/// is held in the app while a second client connects, so that client is waiting in the
+/// listener's queue when the retiring worker's request ends.)
+#[test]
+fn a_retiring_worker_leaves_queued_clients_to_its_successor() {
+    let s = ServerBuilder::new("app:app")
+        .args(&["--max-requests", "2"])
+        .start();
+    let retiring = request(s.addr, "GET", "/pid", &[], b"").text();
+    let last = forkscope_tests::Held::start(s.addr);
+    let queued = std::thread::spawn({
+        let addr = s.addr;
+        move || request(addr, "GET", "/pid", &[], b"").text()
+    });
+    wait_for(
+        "the second client in the queue",
+        Duration::from_secs(30),
+        || queued_connections(s.addr).then_some(()),
+    );
+    assert_eq!(last.release().text(), "released");
+    let served_by = queued.join().expect("the queued client");
+    assert_ne!(
+        served_by, retiring,
+        "the queued client went to the next worker"
+    );
+    s.wait_log(
+        "Autorestarting worker after current request.",
+        Duration::from_secs(30),
+    );
+}
+
+/// True when the listener on `addr` (IPv4) has a connection waiting to be accepted: a
+/// listening socket's `rx_queue` in `/proc/net/tcp` is its accept queue.
+fn queued_connections(addr: SocketAddr) -> bool {
+    let local = format!(":{:04X}", addr.port());
+    std::fs::read_to_string("/proc/net/tcp")
+        .expect("/proc/net/tcp")
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address, st (0A: listening), tx_queue:rx_queue
+            (f.len() > 4 && f[1].ends_with(&local) && f[3] == "0A").then(|| f[4].to_owned())
+        })
+        .any(|queues| {
+            queues
+                .split_once(':')
+                .and_then(|(_, rx)| u32::from_str_radix(rx, 16).ok())
+                .is_some_and(|q| q > 0)
+        })
+}

@@ -654,7 +654,13 @@ impl EventLoop {
             usize::MAX
         };
         let mut taken = 0;
-        while self.accepting && taken < batch && self.conns.len() < self.max_connections {
+        // A request run by this loop may begin the stop (the last of --max-requests): the
+        // clients still queued are then the next worker's, not taken in this same turn.
+        while self.accepting
+            && !self.shared.stopping.load(Ordering::Relaxed)
+            && taken < batch
+            && self.conns.len() < self.max_connections
+        {
             if self.defer_to_sibling() {
                 return;
             }
