@@ -325,3 +325,46 @@ fn file_wrapper_sends_files_from_their_position_and_iterates_the_rest() {
     let r = request(s.addr, "GET", "/bytesio", &[], b"");
     assert_eq!(r.body, b"in-memory ".repeat(1000));
 }
+
+/// With `--threads`, a request thread keeps its Python thread state between requests, so what
+/// an app keeps in a `threading.local` (a per-thread database connection, a cache) is still
+/// there for the thread's next request. (The main thread always had its own; the test looks
+/// for a connection held by another thread.)
+#[test]
+fn thread_local_data_lives_across_requests_of_a_thread() {
+    let s = ServerBuilder::new("app:app")
+        .args(&["--threads", "3"])
+        .start();
+    let ask = |conn: &mut std::net::TcpStream| -> (String, u32, bool) {
+        std::io::Write::write_all(conn, b"GET /thread-local HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("write");
+        let text = forkscope_tests::client::read_response(conn).text();
+        let f: Vec<&str> = text.split(' ').collect();
+        (f[0].to_owned(), f[1].parse().expect("count"), f[2] == "1")
+    };
+    let mut open = Vec::new();
+    let (mut conn, first) = loop {
+        assert!(open.len() < 30, "no connection went to a request thread");
+        let mut conn = std::net::TcpStream::connect(s.addr).expect("connect");
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let first = ask(&mut conn);
+        if !first.2 {
+            break (conn, first);
+        }
+        // Kept open, so the main thread's loop keeps holding it and the next goes elsewhere.
+        open.push(conn);
+    };
+    // The requests of one keep-alive connection run on the thread whose loop holds it.
+    let mut last = first;
+    for _ in 0..4 {
+        let next = ask(&mut conn);
+        assert_eq!(next.0, last.0, "one thread serves the connection");
+        assert_eq!(
+            next.1,
+            last.1 + 1,
+            "the thread's threading.local count grows by one per request"
+        );
+        last = next;
+    }
+}

@@ -7,6 +7,7 @@ import time
 from urllib.parse import parse_qs
 
 _SAFE = (str, int, float, bool, tuple, type(None))
+_per_thread = threading.local()
 
 
 def _qs(environ):
@@ -124,6 +125,14 @@ def app(environ, start_response):
         return [body]
     if path == "/thread":
         body = threading.current_thread().name.encode()
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]
+    if path == "/thread-local":
+        # How many requests this thread has served, kept in a threading.local (as apps keep a
+        # per-thread database connection): "<thread ident> <count> <main thread: 0/1>".
+        _per_thread.served = getattr(_per_thread, "served", 0) + 1
+        main = int(threading.current_thread() is threading.main_thread())
+        body = f"{threading.get_ident()} {_per_thread.served} {main}".encode()
         start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
         return [body]
     if path == "/close":

@@ -272,7 +272,12 @@ pub fn serve(
                     .spawn(move || {
                         let ran = crate::panics::contain(|| {
                             crate::failpoint::check("thread-start", name.as_bytes());
-                            l.run()
+                            // The thread keeps one Python thread state for its whole life:
+                            // attached once here, each request's attach below reuses it.
+                            // Without it every attach makes a new one and drops it when the
+                            // GIL is let go, and the app's threading.local data (a
+                            // per-thread database connection) would vanish between requests.
+                            Python::attach(|py| py.detach(|| l.run()))
                         });
                         if ran.is_err() {
                             // Its connections are gone and the worker's state is suspect.
