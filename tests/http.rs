@@ -255,3 +255,35 @@ fn a_finished_response_is_not_held_behind_a_slow_request() {
     assert_eq!(read_response(&mut b).text(), "released");
     assert!(marker.exists());
 }
+
+/// A client that sends its requests and then ends its side (`shutdown(SHUT_WR)`, as `nc -N`
+/// and some health checks do) gets every answer before the server closes, also when the end of
+/// input arrives with the requests in one event while the answers wait to be written (here:
+/// sent while the one worker is held in another request).
+#[test]
+fn a_client_that_half_closes_after_its_requests_gets_every_answer() {
+    let s = ServerBuilder::new("app:app").start();
+    for requests in [1, 3] {
+        let mut c = TcpStream::connect(s.addr).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let ask = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        // A kept-alive connection first, so the worker watches it when the rest arrives.
+        c.write_all(ask).expect("write");
+        assert_eq!(read_response(&mut c).text(), "Hello, World!");
+        let busy = Held::start(s.addr);
+        c.write_all(&ask.repeat(requests)).expect("write");
+        c.shutdown(std::net::Shutdown::Write).expect("half-close");
+        assert_eq!(busy.release().text(), "released");
+        let mut out = Vec::new();
+        c.read_to_end(&mut out).expect("read");
+        let answers = parse_responses(&out, &vec![false; requests]);
+        assert_eq!(
+            answers.len(),
+            requests,
+            "{:?}",
+            String::from_utf8_lossy(&out)
+        );
+        assert!(answers.iter().all(|r| r.text() == "Hello, World!"));
+    }
+}

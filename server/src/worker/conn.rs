@@ -242,19 +242,8 @@ impl Conn {
                 return Next::Wait;
             }
             let defer = defer_writes && !self.close_after_write && self.out.len() < FLUSH_AT;
-            if !self.out.is_empty() && !defer {
-                let mut output = Output::new(
-                    self.stream.fd(),
-                    std::mem::take(&mut self.out),
-                    std::time::Duration::ZERO,
-                );
-                let flushed = output.try_flush();
-                self.out = std::mem::take(&mut output.buf);
-                match flushed {
-                    Ok(true) => self.last_active = Instant::now(),
-                    Ok(false) => return Next::Wait,
-                    Err(_) => return Next::Close,
-                }
+            if !defer && let Some(next) = self.flush_out() {
+                return next;
             }
             if self.close_after_write {
                 return Next::Close;
@@ -262,6 +251,15 @@ impl Conn {
             match self.step(limits) {
                 // Bytes queued by this step (a 100 Continue) go out before we wait.
                 Ok(Some(Next::Wait)) if !self.out.is_empty() && !defer => {}
+                // The client ended its input: what it was answered still goes out first.
+                Ok(Some(Next::Close)) if !self.out.is_empty() => self.close_after_write = true,
+                // A pipelined request: the answers before it go out before it runs, not after.
+                Ok(Some(Next::Dispatch(req))) => {
+                    if !self.out.is_empty() {
+                        let _ = self.flush_out();
+                    }
+                    return Next::Dispatch(req);
+                }
                 Ok(Some(next)) => return next,
                 Ok(None) => {}
                 Err(err) => {
@@ -272,6 +270,39 @@ impl Conn {
                     self.rbuf.clear();
                 }
             }
+        }
+    }
+
+    /// Writes the response bytes left in `out` and nothing else: `Close` when the connection
+    /// is done (its last bytes written, or the peer gone), `Wait` otherwise.
+    pub fn write_out(&mut self) -> Next {
+        match self.flush_out() {
+            Some(next) => next,
+            None if self.close_after_write => Next::Close,
+            None => Next::Wait,
+        }
+    }
+
+    /// Writes what the socket takes of `out`. `None` when all of it went (or there was
+    /// nothing); `Wait` when the socket is full; `Close` when the peer is gone.
+    fn flush_out(&mut self) -> Option<Next> {
+        if self.out.is_empty() {
+            return None;
+        }
+        let mut output = Output::new(
+            self.stream.fd(),
+            std::mem::take(&mut self.out),
+            std::time::Duration::ZERO,
+        );
+        let flushed = output.try_flush();
+        self.out = std::mem::take(&mut output.buf);
+        match flushed {
+            Ok(true) => {
+                self.last_active = Instant::now();
+                None
+            }
+            Ok(false) => Some(Next::Wait),
+            Err(_) => Some(Next::Close),
         }
     }
 

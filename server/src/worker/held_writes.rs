@@ -79,13 +79,17 @@ impl HeldWrites {
 
     /// Parks the responses of loop `index` (finished at `since`) while it runs a request. The
     /// connections stay open until [`Self::take_back`]: the loop closes none while in the app.
-    pub fn park(&self, index: usize, since: Duration, parked: impl Iterator<Item = Parked>) {
+    /// The guard drops what is still parked if the loop unwinds from a panic instead (its
+    /// sockets close, and their numbers may be reused by the time the timer ticks).
+    pub fn park(
+        &self,
+        index: usize,
+        since: Duration,
+        parked: impl Iterator<Item = Parked>,
+    ) -> Unpark {
         {
             let mut lot = self.inner.lots[index].lock();
             lot.parked.extend(parked);
-            if lot.parked.is_empty() {
-                return;
-            }
             lot.since.get_or_insert(since);
         }
         if self.inner.asleep.load(Ordering::SeqCst) {
@@ -93,6 +97,10 @@ impl HeldWrites {
             *sleeping = false;
             self.inner.asleep.store(false, Ordering::SeqCst);
             self.inner.wake.notify_one();
+        }
+        Unpark {
+            held: self.clone(),
+            index,
         }
     }
 
@@ -102,6 +110,22 @@ impl HeldWrites {
         let mut lot = self.inner.lots[index].lock();
         lot.since = None;
         out.append(&mut lot.parked);
+    }
+}
+
+/// Empties a loop's lot when dropped (see [`HeldWrites::park`]); after
+/// [`HeldWrites::take_back`] there is nothing left to drop.
+#[derive(Debug)]
+pub struct Unpark {
+    held: HeldWrites,
+    index: usize,
+}
+
+impl Drop for Unpark {
+    fn drop(&mut self) {
+        let mut lot = self.held.inner.lots[self.index].lock();
+        lot.since = None;
+        lot.parked.clear();
     }
 }
 
@@ -188,7 +212,7 @@ mod tests {
         let held = HeldWrites::start(2).expect("timer");
         let (ours, mut peer) = UnixStream::pair().expect("pair");
         let since = crate::heartbeat::monotonic();
-        held.park(
+        let _parked = held.park(
             1,
             since,
             [Parked::new(7, ours.as_raw_fd(), b"answer".to_vec())].into_iter(),
@@ -211,7 +235,7 @@ mod tests {
         let (ours, mut peer) = UnixStream::pair().expect("pair");
         ours.set_nonblocking(true).expect("nonblocking");
         let big: Vec<u8> = (0..8 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
-        held.park(
+        let _parked = held.park(
             0,
             crate::heartbeat::monotonic(),
             [Parked::new(3, ours.as_raw_fd(), big.clone())].into_iter(),

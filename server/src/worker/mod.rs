@@ -496,6 +496,9 @@ impl EventLoop {
         for event in events {
             match event.token() {
                 WAKEUP => {
+                    // A handler can run for seconds (the profiler's snapshot): what this
+                    // batch answered goes out first.
+                    self.flush_deferred();
                     if self.on_signals_published() {
                         self.shared.exit_now.store(true, Ordering::SeqCst);
                         self.shared.wake_all();
@@ -791,8 +794,9 @@ impl EventLoop {
                         }
                     });
                     self.shared.set_busy(self.index, None);
-                    if parked {
+                    if let Some(parked) = parked {
                         self.take_back_parked();
+                        drop(parked);
                     }
                     if let Some(c) = counts {
                         let took = crate::heartbeat::monotonic().saturating_sub(started);
@@ -801,7 +805,7 @@ impl EventLoop {
                     if !self.complete(key, done) {
                         // Exiting now: what the request left unwritten is tried once.
                         if let Some(conn) = self.conns.get_mut(&key) {
-                            let _ = conn.advance(&self.shared.config.limits, false);
+                            let _ = conn.write_out();
                         }
                         return;
                     }
@@ -813,34 +817,26 @@ impl EventLoop {
     /// Writes the responses left for the end of the batch. Writing them together, after the
     /// batch's requests ran, wakes each client once per batch instead of once per response
     /// while the worker is busy (a cross-CPU wake-up of the client per `write` was the largest
-    /// kernel cost of a busy worker). Bytes the socket does not take wait for its writable
-    /// event as usual.
+    /// kernel cost of a busy worker). Only writes: requests that arrived meanwhile wait for
+    /// their own events. Bytes the socket does not take wait for its writable event as usual.
     fn flush_deferred(&mut self) {
         self.deferred_since = None;
-        if self.deferred.is_empty() {
-            return;
-        }
-        let batching = std::mem::replace(&mut self.batching, false);
-        let mut keys = std::mem::take(&mut self.deferred);
-        for &key in &keys {
-            if let Some(conn) = self.conns.get_mut(&key) {
-                conn.write_deferred = false;
-                self.drive(key);
+        for key in std::mem::take(&mut self.deferred) {
+            let Some(conn) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            conn.write_deferred = false;
+            if matches!(conn.write_out(), Next::Close) {
+                self.close(key);
             }
         }
-        keys.clear();
-        // Nothing was deferred while not batching: the list is empty and its buffer is kept.
-        self.deferred = keys;
-        self.batching = batching;
     }
 
     /// Before running `running`'s request: parks the other connections' unwritten responses
     /// with the timer thread, which writes them if the request outlasts their wait (see
-    /// [`held_writes`]). Returns true when something was parked.
-    fn park_deferred(&mut self, running: usize) -> bool {
-        let Some(since) = self.deferred_since else {
-            return false;
-        };
+    /// [`held_writes`]). Returns a guard while something is parked.
+    fn park_deferred(&mut self, running: usize) -> Option<held_writes::Unpark> {
+        let since = self.deferred_since?;
         let conns = &mut self.conns;
         let mut parked = self
             .deferred
@@ -852,11 +848,8 @@ impl EventLoop {
                     .then(|| Parked::new(k, conn.stream.fd(), std::mem::take(&mut conn.out)))
             })
             .peekable();
-        if parked.peek().is_none() {
-            return false;
-        }
-        self.shared.held.park(self.index, since, parked);
-        true
+        parked.peek()?;
+        Some(self.shared.held.park(self.index, since, parked))
     }
 
     /// After a request: the parked bytes the timer did not write go back to their connections.
