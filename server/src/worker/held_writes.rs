@@ -11,12 +11,14 @@
 //! The timer ticks only while some loop is busy, and parks itself after a quiet spell: it costs
 //! nothing to an idle worker, and a loop wakes it (one futex call) only when it was parked.
 
-use std::os::fd::{BorrowedFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
+
+use crate::wsgi::output::Output;
 
 /// How long a finished response may wait for the end of its batch.
 pub const AT_MOST: Duration = Duration::from_millis(1);
@@ -78,9 +80,10 @@ impl HeldWrites {
     }
 
     /// Parks the responses of loop `index` (finished at `since`) while it runs a request. The
-    /// connections stay open until [`Self::take_back`]: the loop closes none while in the app.
-    /// The guard drops what is still parked if the loop unwinds from a panic instead (its
-    /// sockets close, and their numbers may be reused by the time the timer ticks).
+    /// connections stay open until the loop takes them back through the returned guard
+    /// ([`Unpark::take_back`]): the loop closes none while in the app. Dropped without that (a
+    /// panic unwinding the loop, whose sockets then close and whose numbers may be reused
+    /// before the timer ticks), the guard drops what is still parked.
     pub fn park(
         &self,
         index: usize,
@@ -101,31 +104,41 @@ impl HeldWrites {
         Unpark {
             held: self.clone(),
             index,
+            taken: false,
         }
-    }
-
-    /// Takes back what the timer did not write, into `out` (emptied first).
-    pub fn take_back(&self, index: usize, out: &mut Vec<Parked>) {
-        out.clear();
-        let mut lot = self.inner.lots[index].lock();
-        lot.since = None;
-        out.append(&mut lot.parked);
     }
 }
 
-/// Empties a loop's lot when dropped (see [`HeldWrites::park`]); after
-/// [`HeldWrites::take_back`] there is nothing left to drop.
+/// A loop's parked responses, to take back when its request ends (see [`HeldWrites::park`]).
 #[derive(Debug)]
 pub struct Unpark {
     held: HeldWrites,
     index: usize,
+    taken: bool,
+}
+
+impl Unpark {
+    /// Takes back what the timer did not write, into `out` (emptied first; both buffers keep
+    /// their capacity for the next request).
+    pub fn take_back(mut self, out: &mut Vec<Parked>) {
+        out.clear();
+        out.append(&mut self.lot().parked);
+        self.taken = true;
+    }
+
+    /// The loop's lot, no longer watched by the timer.
+    fn lot(&self) -> parking_lot::MutexGuard<'_, Lot> {
+        let mut lot = self.held.inner.lots[self.index].lock();
+        lot.since = None;
+        lot
+    }
 }
 
 impl Drop for Unpark {
     fn drop(&mut self) {
-        let mut lot = self.held.inner.lots[self.index].lock();
-        lot.since = None;
-        lot.parked.clear();
+        if !self.taken {
+            self.lot().parked.clear();
+        }
     }
 }
 
@@ -135,21 +148,13 @@ impl Parked {
         Self { key, fd, bytes }
     }
 
-    /// Writes what the socket takes now. An error leaves the bytes for the loop, whose own
-    /// write meets the same error and closes the connection.
+    /// Writes what the socket takes now (the loop keeps the connection open while its bytes
+    /// are parked: it is inside a request until it takes them back). An error leaves the bytes
+    /// for the loop, whose own write meets the same error and closes the connection.
     fn write(&mut self) {
-        // SAFETY: the loop owning the connection keeps it open while its bytes are parked (it
-        // is inside a request until it takes them back).
-        let fd = unsafe { BorrowedFd::borrow_raw(self.fd) };
-        let mut written = 0;
-        while written < self.bytes.len() {
-            match nix::unistd::write(fd, &self.bytes[written..]) {
-                Ok(n) => written += n,
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(_) => break,
-            }
-        }
-        self.bytes.drain(..written);
+        let mut output = Output::new(self.fd, std::mem::take(&mut self.bytes), Duration::ZERO);
+        let _ = output.try_flush();
+        self.bytes = output.buf;
     }
 }
 
@@ -212,7 +217,7 @@ mod tests {
         let held = HeldWrites::start(2).expect("timer");
         let (ours, mut peer) = UnixStream::pair().expect("pair");
         let since = crate::heartbeat::monotonic();
-        let _parked = held.park(
+        let parked = held.park(
             1,
             since,
             [Parked::new(7, ours.as_raw_fd(), b"answer".to_vec())].into_iter(),
@@ -225,7 +230,7 @@ mod tests {
             .expect("the timer wrote the parked bytes");
         assert_eq!(&got, b"answer");
         let mut back = Vec::new();
-        held.take_back(1, &mut back);
+        parked.take_back(&mut back);
         assert!(back.iter().all(|p| p.key == 7 && p.bytes.is_empty()));
     }
 
@@ -235,7 +240,7 @@ mod tests {
         let (ours, mut peer) = UnixStream::pair().expect("pair");
         ours.set_nonblocking(true).expect("nonblocking");
         let big: Vec<u8> = (0..8 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
-        let _parked = held.park(
+        let parked = held.park(
             0,
             crate::heartbeat::monotonic(),
             [Parked::new(3, ours.as_raw_fd(), big.clone())].into_iter(),
@@ -244,7 +249,7 @@ mod tests {
         let mut first = [0u8; 1];
         peer.read_exact(&mut first).expect("first byte");
         let mut back = Vec::new();
-        held.take_back(0, &mut back);
+        parked.take_back(&mut back);
         assert_eq!(back.len(), 1);
         let left = &back[0].bytes;
         assert!(

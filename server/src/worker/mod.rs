@@ -795,8 +795,7 @@ impl EventLoop {
                     });
                     self.shared.set_busy(self.index, None);
                     if let Some(parked) = parked {
-                        self.take_back_parked();
-                        drop(parked);
+                        self.take_back_parked(parked);
                     }
                     if let Some(c) = counts {
                         let took = crate::heartbeat::monotonic().saturating_sub(started);
@@ -853,8 +852,8 @@ impl EventLoop {
     }
 
     /// After a request: the parked bytes the timer did not write go back to their connections.
-    fn take_back_parked(&mut self) {
-        self.shared.held.take_back(self.index, &mut self.taken_back);
+    fn take_back_parked(&mut self, parked: held_writes::Unpark) {
+        parked.take_back(&mut self.taken_back);
         for p in self.taken_back.drain(..) {
             if let Some(conn) = self.conns.get_mut(&p.key) {
                 let mut bytes = p.bytes;
