@@ -358,7 +358,9 @@ def _goals_issue15(summary: dict, workers: list[int], lines: list[str]) -> None:
     lines += [
         "### Against the goals of issue 15",
         "",
-        "forkscope-server (without `--threads`) against the reference of each goal, in the same run.",
+        "forkscope-server (without `--threads`) against the reference of each goal, in the same run. "
+        "Why the misses miss is measured in sections at the end of this page (where "
+        "a hello request's CPU goes beside nginx; p99 under wrk's closed loop).",
         "",
         "| goal | app | workers | forkscope | reference | ratio | |",
         "| --- | --- | ---: | ---: | ---: | ---: | --- |",
