@@ -505,10 +505,10 @@ def render(raw: dict, results_path: str) -> str:
         "sends its next request when the answer arrives, so each server's p99 is taken at the load "
         "it sustains itself. On 2 cores a server that keeps wrk busy shares the cores three ways "
         "(wrk and two workers) and its requests wait for a core; a slower one leaves wrk a core of "
-        "its own. nginx shows the same p99 as forkscope there. The fixed-rate tables compare "
-        "latency at one offered load for every server instead (oha, `--latency-correction`: each "
-        "request's latency counts from when it was due, so a stall also counts for the requests "
-        "it delayed).",
+        "its own. nginx, which runs no app at all, shows a closed-loop p99 as high as "
+        "forkscope-server's or higher there. The fixed-rate tables compare latency at one offered "
+        "load for every server instead (oha, `--latency-correction`: each request's latency "
+        "counts from when it was due, so a stall also counts for the requests it delayed).",
         "- CPU: the user and system time of the leader and of every process below it, read from "
         "`/proc/PID/stat` just before and just after the measured wrk run. Requests per CPU-second "
         "and the CPU split come from it. The kernel's work on loopback traffic in interrupts is "
