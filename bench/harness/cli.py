@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
 import shlex
 import sys
 import tempfile
@@ -207,12 +208,14 @@ def main_report(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="bench/report",
                                 description="Render docs/BENCHMARKS.md from saved raw results.")
     p.add_argument("results", type=Path, nargs="?", default=None,
-                   help="a bench/results/*.json file (default: the newest non-quick one)")
+                   help="a bench/results/*.json file (default: the newest full run, named by its "
+                        "start time alone; a quick or partial run carries a suffix)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     args = p.parse_args(argv)
     path = args.results
     if path is None:
-        found = sorted(p for p in (BENCH / "results").glob("*.json") if not p.stem.endswith("-quick"))
+        full_runs = (p for p in (BENCH / "results").glob("*.json") if re.fullmatch(r"\d{8}T\d{6}Z", p.stem))
+        found = sorted(full_runs)
         if not found:
             print("bench/report: no results in bench/results/", file=sys.stderr)
             return 2
