@@ -234,6 +234,8 @@ fn before(after: u64, diff: i64) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use rusty_fork::rusty_fork_test;
+
     use super::*;
 
     #[test]
@@ -243,59 +245,61 @@ mod tests {
         assert_eq!(before(10, 30), 0);
     }
 
-    /// A real tracemalloc session in this process: a module keeps 200 blocks alive at one
-    /// known line between the baseline and the capture.
-    #[test]
-    fn diff_names_the_allocating_line() {
-        let _serial = crate::profiler::tests::serial();
-        Python::initialize();
-        Python::attach(|py| {
-            let leaky = PyModule::from_code(
-                py,
-                c"kept = []\ndef leak(n):\n    for _ in range(n):\n        kept.append(bytearray(1000))\ndef run(n):\n    leak(n)\n",
-                c"/fs/leaky_unit.py",
-                c"leaky_unit",
-            )
-            .expect("leaky module");
-            let session = Session::start(py, "unit".into(), 5, false).expect("tracing starts");
-            assert!(session.started_tracemalloc);
-            assert!(tracemalloc_is_tracing(py));
-            leaky.call_method1("run", (200,)).expect("leak");
-            for group_by in [GroupBy::Lineno, GroupBy::Traceback] {
-                let diff = session.capture(py, group_by, 10).expect("capture");
-                let top = &diff.sites[0];
-                assert_eq!(
-                    top.traceback[0].location(),
-                    "/fs/leaky_unit.py:4",
-                    "{diff:#?}"
-                );
-                // Each bytearray is two blocks (object and buffer), plus the list's growth.
-                assert!(top.count_diff >= 200, "{top:?}");
-                assert!(top.size_diff >= 200_000, "{top:?}");
-                assert_eq!(
-                    top.size_before as i64 + top.size_diff,
-                    top.size_after as i64
-                );
-                assert!(diff.total_size_diff >= top.size_diff);
-                assert!(diff.total_sites as usize >= diff.sites.len());
-                assert!(diff.traced_after.current > diff.traced_before.current);
-                assert!(diff.pss_before_bytes.is_some() && diff.pss_after_bytes.is_some());
-                if group_by == GroupBy::Traceback {
-                    // Most recent call first: the allocation, then its caller.
+    // In a process of its own, like the tests of profiler::tests (the reason is there).
+    rusty_fork_test! {
+        /// A real tracemalloc session in this process: a module keeps 200 blocks alive at one
+        /// known line between the baseline and the capture.
+        #[test]
+        fn diff_names_the_allocating_line() {
+            Python::initialize();
+            Python::attach(|py| {
+                let leaky = PyModule::from_code(
+                    py,
+                    c"kept = []\ndef leak(n):\n    for _ in range(n):\n        kept.append(bytearray(1000))\ndef run(n):\n    leak(n)\n",
+                    c"/fs/leaky_unit.py",
+                    c"leaky_unit",
+                )
+                .expect("leaky module");
+                let session = Session::start(py, "unit".into(), 5, false).expect("tracing starts");
+                assert!(session.started_tracemalloc);
+                assert!(tracemalloc_is_tracing(py));
+                leaky.call_method1("run", (200,)).expect("leak");
+                for group_by in [GroupBy::Lineno, GroupBy::Traceback] {
+                    let diff = session.capture(py, group_by, 10).expect("capture");
+                    let top = &diff.sites[0];
                     assert_eq!(
-                        top.traceback[1].location(),
-                        "/fs/leaky_unit.py:6",
-                        "{top:?}"
+                        top.traceback[0].location(),
+                        "/fs/leaky_unit.py:4",
+                        "{diff:#?}"
                     );
+                    // Each bytearray is two blocks (object and buffer), plus the list's growth.
+                    assert!(top.count_diff >= 200, "{top:?}");
+                    assert!(top.size_diff >= 200_000, "{top:?}");
+                    assert_eq!(
+                        top.size_before as i64 + top.size_diff,
+                        top.size_after as i64
+                    );
+                    assert!(diff.total_size_diff >= top.size_diff);
+                    assert!(diff.total_sites as usize >= diff.sites.len());
+                    assert!(diff.traced_after.current > diff.traced_before.current);
+                    assert!(diff.pss_before_bytes.is_some() && diff.pss_after_bytes.is_some());
+                    if group_by == GroupBy::Traceback {
+                        // Most recent call first: the allocation, then its caller.
+                        assert_eq!(
+                            top.traceback[1].location(),
+                            "/fs/leaky_unit.py:6",
+                            "{top:?}"
+                        );
+                    }
+                    let ours =
+                        diff.sites.iter().flat_map(|s| &s.traceback).any(|f| {
+                            f.filename == "<forkscope>" || f.filename.ends_with("tracemalloc.py")
+                        });
+                    assert!(!ours, "profiler frames leak into the diff: {diff:#?}");
                 }
-                let ours =
-                    diff.sites.iter().flat_map(|s| &s.traceback).any(|f| {
-                        f.filename == "<forkscope>" || f.filename.ends_with("tracemalloc.py")
-                    });
-                assert!(!ours, "profiler frames leak into the diff: {diff:#?}");
-            }
-            session.stop(py).expect("stop");
-            assert!(!tracemalloc_is_tracing(py));
-        });
+                session.stop(py).expect("stop");
+                assert!(!tracemalloc_is_tracing(py));
+            });
+        }
     }
 }
