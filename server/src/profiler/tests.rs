@@ -1,4 +1,5 @@
-//! Unit tests of the doorbell logic with a real CPython in this process.
+//! Unit tests of the doorbell logic with a real CPython, each test in a process of its own (the
+//! reason is above `rusty_fork_test!` below).
 //!
 //! `signal.signal` only works on the main thread and cargo runs tests on others, so these call
 //! the handler's body ([`ring`]) directly; the signal path itself is proven by the integration
