@@ -255,9 +255,7 @@ impl Conn {
                 Ok(Some(Next::Close)) if !self.out.is_empty() => self.close_after_write = true,
                 // A pipelined request: the answers before it go out before it runs, not after.
                 Ok(Some(Next::Dispatch(req))) => {
-                    if !self.out.is_empty() {
-                        let _ = self.flush_out();
-                    }
+                    let _ = self.flush_out();
                     return Next::Dispatch(req);
                 }
                 Ok(Some(next)) => return next,

@@ -820,7 +820,8 @@ impl EventLoop {
     /// their own events. Bytes the socket does not take wait for its writable event as usual.
     fn flush_deferred(&mut self) {
         self.deferred_since = None;
-        for key in std::mem::take(&mut self.deferred) {
+        let mut keys = std::mem::take(&mut self.deferred);
+        for key in keys.drain(..) {
             let Some(conn) = self.conns.get_mut(&key) else {
                 continue;
             };
@@ -829,6 +830,8 @@ impl EventLoop {
                 self.close(key);
             }
         }
+        // Emptied, the list keeps its buffer for the next batch.
+        self.deferred = keys;
     }
 
     /// Before running `running`'s request: parks the other connections' unwritten responses
